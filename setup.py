@@ -1,0 +1,34 @@
+"""r1jax: a JAX-native research reimplementation of DeepSeek-R1 (model + recipe)."""
+import setuptools
+
+setuptools.setup(
+    name="r1jax",
+    version="0.1.0",
+    description="DeepSeek-V3 architecture and the DeepSeek-R1 GRPO recipe in pure JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["r1jax", "r1jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "safetensors>=0.4",
+        "math-verify>=0.9.0",
+        "sympy>=1.13",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
+        "hf": ["transformers>=4.51", "torch>=2.4"],
+        "parity": ["transformers>=4.51", "torch>=2.4"],
+    },
+)
