@@ -1,0 +1,73 @@
+"""Small shared building blocks: RMSNorm, SwiGLU, parameter specs and their init.
+
+A parameter spec (`ParamSpec`) holds a shape, logical axis names and an init rule. The
+model declares its parameters once as a tree of specs; `init_params`, the logical-axis
+tree and the shape-only parameter counts are all read off that one tree, so they can
+never disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  init: str = "normal"   # 'normal' (std = cfg.init_std), 'ones' or 'zeros'
+
+  def __post_init__(self):
+    if len(self.shape) != len(self.axes):
+      raise ValueError(f"shape {self.shape} and axes {self.axes} differ in rank")
+
+
+def is_spec(x: Any) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def stack_specs(tree, n: int, axis_name: str = "layers"):
+  """Prepends a stacked axis of size n to every spec (for lax.scan over layers)."""
+  return jax.tree.map(lambda s: ParamSpec((n,) + s.shape, (axis_name,) + s.axes, s.init),
+                      tree, is_leaf=is_spec)
+
+
+def init_from_specs(specs, key: jax.Array, std: float, dtype) -> Any:
+  """Materialises a spec tree; each leaf gets its own key from a fixed leaf order."""
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for spec, k in zip(leaves, keys):
+    if spec.init == "ones":
+      out.append(jnp.ones(spec.shape, dtype))
+    elif spec.init == "zeros":
+      out.append(jnp.zeros(spec.shape, dtype))
+    elif spec.init == "normal":
+      out.append((std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype))
+    else:
+      raise ValueError(f"unknown init rule {spec.init!r}")
+  return jax.tree.unflatten(treedef, out)
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """RMSNorm (Zhang & Sennrich 2019), statistics in float32 as in the reference."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def swiglu(x_TxD: jnp.ndarray, p: dict) -> jnp.ndarray:
+  """SwiGLU FFN (Shazeer 2020): down(silu(x W_gate) * (x W_up))."""
+  gate = jax.nn.silu(x_TxD @ p["w_gate"])
+  return (gate * (x_TxD @ p["w_up"])) @ p["w_down"]
+
+
+def swiglu_specs(d: int, f: int, mlp_axis: str = "mlp") -> dict:
+  return {
+      "w_gate": ParamSpec((d, f), ("embed", mlp_axis)),
+      "w_up": ParamSpec((d, f), ("embed", mlp_axis)),
+      "w_down": ParamSpec((f, d), (mlp_axis, "embed")),
+  }

@@ -1,0 +1,341 @@
+"""The DeepSeek-V3 architecture as pure functions over a nested dict of arrays.
+
+Dimension key (names carry shapes, e.g. `ckv_BxSxC`):
+  B batch  L sequence  D model dim  H heads  V vocab  S cache length  T tokens (B*L)
+  C kv_lora_rank  Q q_lora_rank  N qk_nope_head_dim  R qk_rope_head_dim  A v_head_dim
+  E routed experts  K experts per token  F expert hidden
+
+Layout: the first `first_k_dense_replace` layers (dense FFN) and the remaining MoE layers are
+stored stacked (leading 'layers' axis) and run with lax.scan, so compile time does not grow
+with depth. `param_specs(cfg)` is the single declaration of every parameter's shape and
+logical axes; init, the logical-axis tree and the parameter counts read off it.
+
+Multi-token prediction (V3 section 2.2): module k (1..mtp_depth) combines the previous
+depth's hidden state h^{k-1} at position i with the embedding of token i+k:
+h'^k = W_k [RMSNorm(emb(t_{i+k})); RMSNorm(h^{k-1})], runs one transformer block and the
+shared output head, predicting token i+k+1. The concatenation order (embedding first)
+follows the released checkpoint (`eh_proj`), which is the reverse of the paper's equation.
+h^0 is the main model's last hidden state before the final norm.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import config as config_lib
+from r1jax import mla, moe
+from r1jax.layers import ParamSpec, init_from_specs, is_spec, rms_norm, stack_specs, swiglu, swiglu_specs
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ---------------------------------------------------------------------------- parameters
+
+def _layer_specs(cfg, kind: str) -> dict:
+  d = cfg.hidden_size
+  specs = {"attn_norm": ParamSpec((d,), ("embed",), "ones"),
+           "attn": mla.param_specs(cfg),
+           "mlp_norm": ParamSpec((d,), ("embed",), "ones")}
+  if kind == "dense":
+    specs["mlp"] = swiglu_specs(d, cfg.intermediate_size)
+  else:
+    specs["moe"] = moe.param_specs(cfg)
+  return specs
+
+
+def _mtp_block_kind(cfg) -> str:
+  return "moe" if config_lib.num_moe_layers(cfg) > 0 else "dense"
+
+
+def param_specs(cfg) -> dict:
+  """The tree of ParamSpec declaring every parameter (shapes + logical axes)."""
+  d, v = cfg.hidden_size, cfg.vocab_size
+  specs = {"embed": ParamSpec((v, d), ("vocab", "embed"))}
+  k, m = cfg.first_k_dense_replace, config_lib.num_moe_layers(cfg)
+  if k > 0:
+    specs["dense_layers"] = stack_specs(_layer_specs(cfg, "dense"), k)
+  if m > 0:
+    specs["moe_layers"] = stack_specs(_layer_specs(cfg, "moe"), m)
+  specs["final_norm"] = ParamSpec((d,), ("embed",), "ones")
+  if not cfg.tie_word_embeddings:
+    specs["lm_head"] = ParamSpec((d, v), ("embed", "vocab"))
+  if cfg.mtp_depth > 0:
+    mtp = {"enorm": ParamSpec((d,), ("embed",), "ones"),
+           "hnorm": ParamSpec((d,), ("embed",), "ones"),
+           "eh_proj": ParamSpec((2 * d, d), ("mtp_concat", "embed")),
+           "block": _layer_specs(cfg, _mtp_block_kind(cfg)),
+           "final_norm": ParamSpec((d,), ("embed",), "ones")}
+    specs["mtp"] = stack_specs(mtp, cfg.mtp_depth, "mtp_layers")
+  return specs
+
+
+def init_params(cfg, key: jax.Array) -> dict:
+  """Random parameters (normal(init_std) weights, unit norms, zero router bias)."""
+  config_lib.validate_model_config(cfg)
+  return init_from_specs(param_specs(cfg), key, cfg.init_std, _DTYPES[cfg.param_dtype])
+
+
+def param_axes(cfg) -> dict:
+  """Logical axis names of every parameter, a pytree parallel to init_params' output."""
+  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=is_spec)
+
+
+def param_shapes(cfg) -> dict:
+  return jax.tree.map(lambda s: s.shape, param_specs(cfg), is_leaf=is_spec)
+
+
+def trainable_mask(params: dict) -> dict:
+  """False for the router correction biases: they move by `moe.update_router_bias` only."""
+  def is_trainable(path, _):
+    return not any(getattr(p, "key", None) == "bias" for p in path)
+  return jax.tree_util.tree_map_with_path(is_trainable, params)
+
+
+def router_biases(params: dict):
+  return params["moe_layers"]["moe"]["router"]["bias"] if "moe_layers" in params else None
+
+
+def with_router_biases(params: dict, bias_MxE) -> dict:
+  """Returns params with the MoE layers' correction biases replaced (pure)."""
+  if "moe_layers" not in params:
+    return params
+  new = dict(params)
+  layers = dict(new["moe_layers"])
+  moe_p = dict(layers["moe"])
+  moe_p["router"] = {**moe_p["router"], "bias": bias_MxE}
+  layers["moe"] = moe_p
+  new["moe_layers"] = layers
+  return new
+
+
+# ---------------------------------------------------------------------------- forward
+
+def _block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, kind: str, kv=None):
+  """One pre-norm transformer block. `kv` (ckv, krope, mask) attends over a cache instead."""
+  h = rms_norm(x_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
+  if kv is None:
+    x_BxLxD = x_BxLxD + mla.self_attention(p["attn"], h, positions_BxL, mask_BxLxS, cfg)
+  else:
+    ckv, krope = kv
+    q_nope, q_rope = mla.project_queries(p["attn"], h, positions_BxL, cfg)
+    x_BxLxD = x_BxLxD + mla.attend(p["attn"], q_nope, q_rope, ckv, krope, mask_BxLxS, cfg)
+  h = rms_norm(x_BxLxD, p["mlp_norm"], cfg.rms_norm_eps)
+  if kind == "dense":
+    return x_BxLxD + swiglu(h, p["mlp"]), None
+  y, stats = moe.moe_ffn(p["moe"], h, valid_BxL, cfg)
+  return x_BxLxD + y, stats
+
+
+def attention_mask(positions_BxL, segment_ids_BxL):
+  """Causal within each segment: query i sees key j iff pos_j <= pos_i and same segment."""
+  causal = positions_BxL[:, None, :] <= positions_BxL[:, :, None]
+  same_segment = segment_ids_BxL[:, None, :] == segment_ids_BxL[:, :, None]
+  return causal & same_segment
+
+
+def positions_from_segments(segment_ids_BxL):
+  """Positions restarting at 0 at every segment start (packed sequences)."""
+  l = segment_ids_BxL.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(l)[None, :], segment_ids_BxL.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
+                            segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_idx
+
+
+def _cast(params, cfg):
+  dtype = _DTYPES[cfg.dtype]
+  def cast(path, x):
+    in_router = any(getattr(p, "key", None) == "router" for p in path)
+    return x if in_router or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _run_stack(layers_p, h, positions, mask, valid, cfg, kind):
+  def step(carry, layer_p):
+    out, stats = _block(layer_p, carry, positions, mask, valid, cfg, kind)
+    return out, stats
+  return jax.lax.scan(step, h, layers_p)
+
+
+def _head(params, h_BxLxD, norm_w, cfg):
+  w_DxV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  normed = rms_norm(h_BxLxD, norm_w, cfg.rms_norm_eps)
+  return jnp.einsum("bld,dv->blv", normed, w_DxV, preferred_element_type=jnp.float32)
+
+
+def output_head(params, cfg):
+  """The [D, V] output projection (shared by the main model and every MTP module)."""
+  return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
+            return_hidden: bool = False):
+  """Logits [B, L, V] (float32) and aux.
+
+  aux: 'tokens_per_expert' [M, E] (valid tokens only), 'balance_loss' (mean over MoE
+  layers of the sequence-wise loss, without alpha), 'mtp_logits' [mtp_depth, B, L, V] when
+  mtp_depth > 0 (module k at position i predicts token i+k+1), and 'hidden' (the
+  final-normed hidden state [B, L, D]) when return_hidden.
+  segment_ids: 0 marks padding; equal ids attend to each other causally. When positions is
+  None they restart at every segment.
+  """
+  b, l = tokens_BxL.shape
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, l), jnp.int32)
+  if positions is None:
+    positions = positions_from_segments(segment_ids)
+  p = _cast(params, cfg)
+  valid_BxL = segment_ids != 0
+  mask_BxLxL = attention_mask(positions, segment_ids)
+  h = p["embed"][tokens_BxL]
+  if "dense_layers" in p:
+    h, _ = _run_stack(p["dense_layers"], h, positions, mask_BxLxL, valid_BxL, cfg, "dense")
+  aux = {}
+  if "moe_layers" in p:
+    h, stats = _run_stack(p["moe_layers"], h, positions, mask_BxLxL, valid_BxL, cfg, "moe")
+    aux["tokens_per_expert"] = stats["tokens_per_expert"]
+    aux["balance_loss"] = jnp.mean(stats["balance_loss"])
+  else:
+    aux["balance_loss"] = jnp.zeros((), jnp.float32)
+  logits = _head(p, h, p["final_norm"], cfg)
+  if return_hidden:
+    aux["hidden"] = rms_norm(h, p["final_norm"], cfg.rms_norm_eps)
+  if cfg.mtp_depth > 0:
+    aux["mtp_logits"] = _mtp(p, h, tokens_BxL, positions, mask_BxLxL, valid_BxL, cfg)
+  return logits, aux
+
+
+def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg):
+  """Runs the MTP modules in sequence; returns logits [mtp_depth, B, L, V]."""
+  kind = _mtp_block_kind(cfg)
+  def step(carry, xs):
+    h_prev, depth = carry
+    mod = xs
+    # Token i+depth at position i (depth counts from 1); past the end: token 0, masked in the loss.
+    shifted = jnp.roll(tokens_BxL, -depth, axis=1)
+    emb = p["embed"][shifted]
+    both = jnp.concatenate([rms_norm(emb, mod["enorm"], cfg.rms_norm_eps),
+                            rms_norm(h_prev, mod["hnorm"], cfg.rms_norm_eps)], axis=-1)
+    h_k = both @ mod["eh_proj"]
+    h_k, _ = _block(mod["block"], h_k, positions, mask, valid, cfg, kind)
+    return (h_k, depth + 1), _head(p, h_k, mod["final_norm"], cfg)
+  _, logits = jax.lax.scan(step, (h_BxLxD, jnp.int32(1)), p["mtp"])
+  return logits
+
+
+def check_tokens(tokens, cfg) -> np.ndarray:
+  """Host-side validation: integer ids of rank 2 inside [0, vocab_size)."""
+  arr = np.asarray(tokens)
+  if arr.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape {arr.shape}")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+  if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+    bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+    raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got {bad[:5].tolist()}")
+  return arr
+
+
+def checked_forward(params, tokens_BxL, cfg, **kwargs):
+  """forward() after rejecting out-of-vocabulary ids (jnp indexing would clip them silently)."""
+  config_lib.validate_model_config(cfg)
+  return forward(params, jnp.asarray(check_tokens(tokens_BxL, cfg)), cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------- latent cache
+
+def init_cache(cfg, batch: int, max_len: int, dtype=None) -> dict:
+  """Latent KV cache: per layer and token only c_kv [C] and k_rope [R]."""
+  dtype = dtype or _DTYPES[cfg.dtype]
+  n = cfg.num_hidden_layers
+  return {"ckv": jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
+          "krope": jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype)}
+
+
+def forward_with_cache(params: dict, tokens_BxL, positions_BxL, cache: dict, cfg):
+  """Runs L new tokens per row at `positions`, writing their latents into cache slot = position.
+
+  Slot s of row b is visible to a query at position q iff s <= q, so stale slots beyond a
+  row's current position (e.g. prompt padding) are never read before being overwritten.
+  Returns (logits [B, L, V] float32, new cache). Always uses cfg.attention_impl.
+  """
+  p = _cast(params, cfg)
+  b, l = tokens_BxL.shape
+  s = cache["ckv"].shape[2]
+  mask_BxLxS = jnp.arange(s)[None, None, :] <= positions_BxL[:, :, None]
+  valid_BxL = jnp.ones((b, l), bool)
+  rows = jnp.arange(b)[:, None]
+
+  def make_step(kind):
+    def step(h, xs):
+      layer_p, ckv_BxSxC, krope_BxSxR = xs
+      normed = rms_norm(h, layer_p["attn_norm"], cfg.rms_norm_eps)
+      new_ckv, new_krope = mla.project_kv(layer_p["attn"], normed, positions_BxL, cfg)
+      ckv_BxSxC = ckv_BxSxC.at[rows, positions_BxL].set(new_ckv.astype(ckv_BxSxC.dtype))
+      krope_BxSxR = krope_BxSxR.at[rows, positions_BxL].set(new_krope.astype(krope_BxSxR.dtype))
+      h, _ = _block(layer_p, h, positions_BxL, mask_BxLxS, valid_BxL, cfg, kind,
+                    kv=(ckv_BxSxC.astype(h.dtype), krope_BxSxR.astype(h.dtype)))
+      return h, (ckv_BxSxC, krope_BxSxR)
+    return step
+
+  h = p["embed"][tokens_BxL]
+  k = cfg.first_k_dense_replace
+  new_ckv, new_krope = [], []
+  for name, kind, sl in (("dense_layers", "dense", slice(0, k)), ("moe_layers", "moe", slice(k, None))):
+    if name in p:
+      h, (c, r) = jax.lax.scan(make_step(kind), h, (p[name], cache["ckv"][sl], cache["krope"][sl]))
+      new_ckv.append(c)
+      new_krope.append(r)
+  cache = {"ckv": jnp.concatenate(new_ckv, 0), "krope": jnp.concatenate(new_krope, 0)}
+  return _head(p, h, p["final_norm"], cfg), cache
+
+
+# ---------------------------------------------------------------------------- accounting
+
+def count_params(cfg) -> dict:
+  """{'total', 'activated', 'mtp'} parameter counts, shape-only (nothing allocated).
+
+  'total' excludes the MTP modules (as the 671B figure of V3 does). 'activated' counts
+  what one token touches: everything but the non-selected routed experts; the input
+  embedding is counted (a lookup, but its parameters are activated).
+  """
+  config_lib.validate_model_config(cfg)
+  specs = param_specs(cfg)
+  mtp = specs.pop("mtp", None)
+  def size(tree):
+    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree, is_leaf=is_spec))
+  total = size(specs)
+  routed = size(specs["moe_layers"]["moe"]["experts"]) if "moe_layers" in specs else 0
+  inactive = routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) if routed else 0
+  return {"total": total, "activated": int(round(total - inactive)),
+          "mtp": size(mtp) if mtp is not None else 0}
+
+
+def flops_per_token(cfg, seq_len: int) -> dict:
+  """Model FLOPs per token: 2 per activated matmul weight plus causal attention.
+
+  The embedding lookup, norms and the router's elementwise work are not counted. Attention
+  (naive form) costs 2 * H * (N + R + A) multiply-adds per visible key; a causal sequence
+  sees (L + 1) / 2 keys on average. 'train' is 3x 'forward' (backward = 2x forward).
+  """
+  counts = count_params(cfg)
+  matmul = counts["activated"] - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+  matmul -= _norm_and_bias_params(cfg)
+  per_layer_attn = 2 * cfg.num_attention_heads * (config_lib.qk_head_dim(cfg) + cfg.v_head_dim)
+  attn = cfg.num_hidden_layers * per_layer_attn * (seq_len + 1) / 2
+  fwd = 2 * matmul + attn
+  return {"forward": float(fwd), "train": float(3 * fwd)}
+
+
+def _norm_and_bias_params(cfg) -> int:
+  """Parameters that are not matmul weights (norm scales, router biases), MTP excluded."""
+  specs = param_specs(cfg)
+  specs.pop("mtp", None)
+  total = 0
+  for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
+    name = getattr(path[-1], "key", "")
+    if name.endswith("norm") or name == "bias":
+      total += int(np.prod(s.shape))
+  return total
