@@ -1,0 +1,163 @@
+"""Multi-digit arithmetic, generated on the fly: the smallest task with a checkable answer.
+
+Questions look like `47+85`; the gold answer is the exact integer. Difficulty is
+the operand digit count, set separately for the train and held-out ('test')
+splits, so a demo can train on 2-3 digit problems and test on 4-digit ones.
+
+Traces (for the SFT cold start) work column by column, least significant first,
+which is the order a left-to-right model can actually compute in:
+
+    47+85  -> <think>7+5+0=12;4+8+1=13</think><answer>132</answer>
+    52-17  -> <think>2-7-0=-5;5-1-1=3</think><answer>35</answer>
+    17-52  -> <think>neg;2-7-0=-5;5-1-1=3</think><answer>-35</answer>
+    47*85  -> <think>47*5=235;47*80=3760;235+3760=3995</think><answer>3995</answer>
+
+Each addition step is `x+y+carry_in=column_sum`; each subtraction step is
+`x-y-borrow_in=value` (a negative value means borrow 1 and write value+10).
+
+Train and test never share a problem: a problem's split is a stable hash of its
+text (`base.split_bucket`), and each split's generator rejects the other's problems.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from r1jax.tasks import base
+
+OPS = ("+", "-", "*")
+_INT_RE = re.compile(r"\A-?\d+\Z")
+_MAX_TRIES = 1000
+
+
+def _digits_lsb(n: int, width: int) -> list[int]:
+  return [(n // 10**k) % 10 for k in range(width)]
+
+
+def add_trace(a: int, b: int) -> str:
+  """Column-wise addition with carries (see module docstring)."""
+  width = max(len(str(a)), len(str(b)))
+  steps, carry = [], 0
+  for x, y in zip(_digits_lsb(a, width), _digits_lsb(b, width)):
+    s = x + y + carry
+    steps.append(f"{x}+{y}+{carry}={s}")
+    carry = s // 10
+  return ";".join(steps)
+
+
+def sub_trace(a: int, b: int) -> str:
+  """Column-wise subtraction with borrows; 'neg;' first when a < b (then b - a is computed)."""
+  prefix = ""
+  if a < b:
+    a, b, prefix = b, a, "neg;"
+  width = len(str(a))
+  steps, borrow = [], 0
+  for x, y in zip(_digits_lsb(a, width), _digits_lsb(b, width)):
+    v = x - y - borrow
+    steps.append(f"{x}-{y}-{borrow}={v}")
+    borrow = 1 if v < 0 else 0
+  return prefix + ";".join(steps)
+
+
+def mul_trace(a: int, b: int) -> str:
+  """Partial products by each digit of b (shifted), then their sum."""
+  parts, steps = [], []
+  for k, d in enumerate(_digits_lsb(b, len(str(b)))):
+    factor = d * 10**k
+    parts.append(a * factor)
+    steps.append(f"{a}*{factor}={a * factor}")
+  if len(parts) > 1:
+    steps.append("+".join(str(p) for p in parts) + f"={sum(parts)}")
+  return ";".join(steps)
+
+
+_TRACES = {"+": add_trace, "-": sub_trace, "*": mul_trace}
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _check_digits(name: str, digits) -> tuple[int, int]:
+  try:
+    lo, hi = (int(d) for d in digits)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a (min, max) pair of digit counts, got {digits!r}") from None
+  if not 1 <= lo <= hi <= 18:
+    raise ValueError(f"{name} must satisfy 1 <= min <= max <= 18, got {digits!r}")
+  return lo, hi
+
+
+class ArithmeticTask(base.Task):
+  """`a op b` with operands of a chosen number of digits.
+
+  Args:
+    ops: operators to draw from uniformly, a subset of ('+', '-', '*').
+    train_digits / test_digits: (min, max) digits per operand for each split; each
+      operand draws its digit count uniformly, then a uniform value with exactly
+      that many digits (1 digit includes 0).
+    train_size / test_size: length of each split's random-access source.
+    test_fraction: share of the problem space reserved for 'test' by hashing.
+    template: 'compact' (default), 'r1_zero' or a custom string with '{question}'.
+  """
+
+  name = "arithmetic"
+
+  def __init__(self, ops: Sequence[str] = ("+",), train_digits=(2, 3), test_digits=(4, 4),
+               train_size: int = 100_000, test_size: int = 1_000,
+               test_fraction: float = 0.1, template: str = "compact"):
+    super().__init__(template)
+    ops = tuple(ops)
+    if not ops or any(o not in OPS for o in ops) or len(set(ops)) != len(ops):
+      raise ValueError(f"ops must be distinct operators from {OPS}, got {ops!r}")
+    if not 0.0 < test_fraction < 1.0:
+      raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    self.ops = ops
+    self.digits = {"train": _check_digits("train_digits", train_digits),
+                   "test": _check_digits("test_digits", test_digits)}
+    self.sizes = {"train": int(train_size), "test": int(test_size)}
+    self.test_fraction = float(test_fraction)
+
+  def _operand(self, rng: np.random.Generator, split: str) -> int:
+    lo, hi = self.digits[split]
+    n = int(rng.integers(lo, hi + 1))
+    if n == 1:
+      return int(rng.integers(0, 10))
+    return int(rng.integers(10**(n - 1), 10**n))
+
+  def make_example(self, op: str, a: int, b: int, uid: str = "") -> base.Example:
+    """The example for `a op b` (used by the generator and by tests)."""
+    if op not in OPS:
+      raise ValueError(f"unknown operator {op!r}")
+    if a < 0 or b < 0:
+      raise ValueError("operands must be non-negative")
+    answer = str(_APPLY[op](a, b))
+    return base.Example(question=f"{a}{op}{b}", answer=answer,
+                        trace=base.format_response(_TRACES[op](a, b), answer), uid=uid)
+
+  def _generate(self, split: str, rng: np.random.Generator, index: int) -> base.Example:
+    for _ in range(_MAX_TRIES):
+      op = self.ops[int(rng.integers(len(self.ops)))]
+      a, b = self._operand(rng, split), self._operand(rng, split)
+      if base.split_bucket(f"{a}{op}{b}", self.test_fraction) == split:
+        return self.make_example(op, a, b, uid=f"{self.name}/{split}/{index}")
+    raise ValueError(f"could not draw a {split} problem in {_MAX_TRIES} tries: the problem "
+                     f"space for digits {self.digits[split]} is too small")
+
+  def source(self, split: str, seed: int = 0) -> base.GeneratedSource:
+    base.check_split(split)
+    return base.GeneratedSource(functools.partial(self._generate, split),
+                                self.sizes[split], seed, split)
+
+  def is_correct(self, completion: str, *, answer: str, **unused) -> bool:
+    """Well-formed and the <answer> is exactly the gold integer (sign, digits only)."""
+    del unused
+    parsed = base.parse_response(completion)
+    if parsed is None:
+      return False
+    got = parsed[1]
+    return bool(_INT_RE.match(got)) and int(got) == int(answer)
+
+  def alphabet(self) -> str:
+    chars = self._template_chars() | set("0123456789+-*=;neg")
+    return "".join(sorted(chars))

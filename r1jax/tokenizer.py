@@ -1,0 +1,188 @@
+"""Tokenizers that need no downloads: bytes for any text, characters for tiny models.
+
+Both share one id layout so code never branches on the kind:
+
+    0 <pad>   1 <bos>   2 <eos>   3.. the symbols (bytes 0..255, or the alphabet)
+
+`ByteTokenizer` covers any UTF-8 text (vocab 259). `CharTokenizer(alphabet)` maps
+each character of a fixed alphabet to one id, which keeps the vocabulary of a
+generated task tiny (arithmetic needs ~40 ids) and so keeps CPU models fast.
+A character outside the alphabet raises `ValueError`: silently dropping it would
+let a prompt change meaning without anyone noticing.
+
+`decode` stops at the first <eos> and skips <pad>/<bos>, which is what a sampler
+needs to turn a fixed-length row of generated ids back into a completion.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+NUM_SPECIAL = 3
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+KINDS = ("byte", "char")
+
+
+class Tokenizer:
+  """The shared interface: `encode`, `decode`, `vocab_size` and the special ids."""
+
+  pad_id = PAD_ID
+  bos_id = BOS_ID
+  eos_id = EOS_ID
+
+  @property
+  def vocab_size(self) -> int:
+    raise NotImplementedError
+
+  def _encode_symbols(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def _decode_symbols(self, ids: list[int]) -> str:
+    raise NotImplementedError
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Text -> ids, optionally framed by <bos> and <eos>."""
+    if not isinstance(text, str):
+      raise ValueError(f"encode expects str, got {type(text).__name__}")
+    ids = self._encode_symbols(text)
+    if add_bos:
+      ids = [BOS_ID] + ids
+    if add_eos:
+      ids = ids + [EOS_ID]
+    return ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids -> text, stopping at the first <eos>; <pad> and <bos> are skipped.
+
+    Accepts lists or 1-D numpy/jax arrays. An id outside the vocabulary raises.
+    """
+    symbols = []
+    for i in ids:
+      i = int(i)
+      if i < 0 or i >= self.vocab_size:
+        raise ValueError(f"token id {i} outside vocabulary of size {self.vocab_size}")
+      if i == EOS_ID:
+        break
+      if i < NUM_SPECIAL:
+        continue
+      symbols.append(i)
+    return self._decode_symbols(symbols)
+
+  def spec(self) -> str:
+    """A string that `make_tokenizer(spec=...)` turns back into this tokenizer."""
+    raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes: byte b has id b + 3. Vocab 259.
+
+  Decoding invalid UTF-8 (a model may emit half a character) uses the U+FFFD
+  replacement character rather than raising, because sampled text is not data
+  we control; encoding never fails.
+  """
+
+  @property
+  def vocab_size(self) -> int:
+    return NUM_SPECIAL + 256
+
+  def _encode_symbols(self, text: str) -> list[int]:
+    return [b + NUM_SPECIAL for b in text.encode("utf-8")]
+
+  def _decode_symbols(self, ids: list[int]) -> str:
+    return bytes(i - NUM_SPECIAL for i in ids).decode("utf-8", errors="replace")
+
+  def spec(self) -> str:
+    return "byte"
+
+  def __repr__(self) -> str:
+    return "ByteTokenizer()"
+
+
+class CharTokenizer(Tokenizer):
+  """One id per character of `alphabet` (ids 3.. in the alphabet's order).
+
+  The alphabet must be non-empty and free of duplicates; order matters (it fixes
+  the ids), so build it with `sorted(set(...))` when it comes from data.
+  """
+
+  def __init__(self, alphabet: str):
+    if not isinstance(alphabet, str) or not alphabet:
+      raise ValueError("CharTokenizer needs a non-empty alphabet string")
+    if len(set(alphabet)) != len(alphabet):
+      dupes = sorted({c for c in alphabet if alphabet.count(c) > 1})
+      raise ValueError(f"alphabet has duplicate characters: {dupes!r}")
+    self.alphabet = alphabet
+    self._to_id = {c: i + NUM_SPECIAL for i, c in enumerate(alphabet)}
+
+  @property
+  def vocab_size(self) -> int:
+    return NUM_SPECIAL + len(self.alphabet)
+
+  def _encode_symbols(self, text: str) -> list[int]:
+    ids = []
+    for pos, c in enumerate(text):
+      i = self._to_id.get(c)
+      if i is None:
+        raise ValueError(
+            f"character {c!r} at position {pos} is not in the tokenizer alphabet "
+            f"({len(self.alphabet)} chars); text starts {text[:40]!r}")
+      ids.append(i)
+    return ids
+
+  def _decode_symbols(self, ids: list[int]) -> str:
+    return "".join(self.alphabet[i - NUM_SPECIAL] for i in ids)
+
+  def spec(self) -> str:
+    return "char:" + self.alphabet
+
+  def __repr__(self) -> str:
+    return f"CharTokenizer({self.alphabet!r})"
+
+
+def make_tokenizer(kind: str = "byte", *, alphabet: str | None = None,
+                   spec: str | None = None) -> Tokenizer:
+  """Build a tokenizer from a config value.
+
+  Args:
+    kind: 'byte' or 'char'.
+    alphabet: required for 'char'.
+    spec: alternatively, the output of `Tokenizer.spec()` ('byte' or 'char:<alphabet>'),
+      which is how a checkpoint records the tokenizer it was trained with.
+  """
+  if spec is not None:
+    if spec == "byte":
+      return ByteTokenizer()
+    if spec.startswith("char:"):
+      return CharTokenizer(spec[len("char:"):])
+    raise ValueError(f"unknown tokenizer spec {spec[:20]!r}: expected 'byte' or 'char:<alphabet>'")
+  if kind == "byte":
+    if alphabet is not None:
+      raise ValueError("a byte tokenizer takes no alphabet")
+    return ByteTokenizer()
+  if kind == "char":
+    if alphabet is None:
+      raise ValueError("a char tokenizer needs an alphabet")
+    return CharTokenizer(alphabet)
+  raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+
+
+def for_task(task, kind: str = "auto") -> Tokenizer:
+  """The tokenizer for a task: its character alphabet when it has one, else bytes.
+
+  Args:
+    task: an `r1jax.tasks.base.Task`; `task.alphabet()` returns a string or None.
+    kind: 'auto' (char when the task has an alphabet), 'char' (requires one) or 'byte'.
+  """
+  if kind == "byte":
+    return ByteTokenizer()
+  alphabet = task.alphabet()
+  if kind == "char":
+    if alphabet is None:
+      raise ValueError(f"task {task.name!r} has open-ended text and no fixed alphabet; "
+                       "use the byte tokenizer")
+    return CharTokenizer(alphabet)
+  if kind == "auto":
+    return CharTokenizer(alphabet) if alphabet is not None else ByteTokenizer()
+  raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'auto', 'char' or 'byte'")
