@@ -1,0 +1,333 @@
+"""Runs untrusted Python (model-written programs) in an isolated, resource-limited sandbox.
+
+API:
+
+    run_python(code, *, stdin='', timeout_s=5.0, memory_mb=512, max_output_bytes=1 << 20)
+        -> ExecResult(stdout, stderr, exit_code, timed_out, truncated, signal, wall_s)
+
+Design (a fork server, so a run costs a few milliseconds instead of a fresh interpreter):
+
+* Each server is one long-lived `bwrap` (bubblewrap) sandbox with new pid, net, ipc, uts (and
+  cgroup where possible) namespaces; a new user namespace as well when the host is not root. Its
+  mount namespace shows only read-only binds of /usr, /lib*, /bin, /etc/ld.so.cache and the Python
+  installation, a fresh /dev and /proc, and a tmpfs /tmp. The environment is cleared. It runs
+  `_sandbox_server.py`, which pre-imports the standard library and serves one request at a time.
+* Per request the server forks a child that enters a new mount and pid namespace with its own
+  size-limited tmpfs /tmp. Its pid 1 forks the runner, which switches to a non-root uid (one per
+  server slot, when the host is root), enters a new user namespace (uid 65534 inside), drops all
+  capabilities, sets no_new_privs and rlimits (address space, CPU, file size, open files,
+  processes, no core dumps), and then exec()s the source with its own stdin/stdout/stderr pipes.
+* The server reads stdout and stderr concurrently (select) with byte caps, feeds stdin, and at the
+  wall-clock deadline SIGKILLs the request's pid 1: the kernel then kills every process in that pid
+  namespace, including setsid/double-forked daemons. Its exit also does so after a normal run.
+* The host talks to each server over pipes and kills the whole bwrap process tree if the server
+  itself stops answering.
+
+Protects against: infinite loops and sleeps (wall clock + RLIMIT_CPU), fork bombs (RLIMIT_NPROC on
+a non-root uid), memory bombs (RLIMIT_AS), huge output (byte caps, the program is killed), disk
+fill (tmpfs size and inode limits, RLIMIT_FSIZE), writes outside /tmp (read-only binds), reading
+host files outside the bound system directories (/root, /home, /work, ... are not mounted) and the
+host environment (cleared), network access (no interfaces but a private loopback), signalling or
+ptracing host processes and other requests (separate pid namespaces, different uid), daemonised
+survivors (pid namespace teardown), leftovers between requests (fresh tmpfs per request).
+
+Does NOT protect against: kernel exploits (there is no seccomp filter; namespaces share the host
+kernel), reading the world-readable system files that are bound in (/usr, the Python install),
+CPU-time side channels, or aggregate memory above memory_mb x nproc when a program forks many
+memory-hungry children (no cgroup memory limit). Processes of concurrent requests in different
+server slots compete for the same CPUs. It is a research-grade sandbox, not a security boundary
+for adversaries who target the kernel.
+
+Where bubblewrap or namespaces are unavailable, `run_python` raises SandboxUnavailableError unless
+the caller passes `allow_unsafe=True` (or sets R1JAX_ALLOW_UNSAFE_EXEC=1), which runs the code in a
+plain subprocess with rlimits and a process-group kill only: no isolation at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import resource
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+_SERVER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_sandbox_server.py')
+_BASE_UID = 61000  # slot k runs untrusted code as host uid _BASE_UID + k (when the host is root)
+_HOST_GRACE_S = 10.0  # extra seconds the host waits for a server before killing it
+
+
+class SandboxUnavailableError(RuntimeError):
+  """Isolation cannot be set up on this machine and unsafe execution was not requested."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+  """What a sandboxed run produced. exit_code is negative (-signal) when killed by a signal."""
+  stdout: str
+  stderr: str
+  exit_code: int
+  timed_out: bool
+  truncated: bool = False
+  signal: int | None = None
+  wall_s: float = 0.0
+  stdout_bytes: bytes = b''
+
+  @property
+  def ok(self) -> bool:
+    return self.exit_code == 0 and not self.timed_out and not self.truncated
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """Per-run resource limits. See run_python for the meaning of each field."""
+  timeout_s: float = 5.0
+  memory_mb: int = 512
+  max_output_bytes: int = 1 << 20
+  cpu_s: int | None = None  # default: ceil(timeout_s) + 1
+  file_mb: int = 16
+  tmp_mb: int = 32
+  nofile: int = 64
+  nproc: int = 32
+
+  def validate(self):
+    if not self.timeout_s > 0:
+      raise ValueError(f'timeout_s must be > 0, got {self.timeout_s}')
+    for name in ('memory_mb', 'max_output_bytes', 'file_mb', 'tmp_mb', 'nofile', 'nproc'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+    if self.memory_mb < 64:
+      raise ValueError(f'memory_mb must be >= 64 (the interpreter needs it), got {self.memory_mb}')
+
+
+def _bind_args() -> list[str]:
+  args = []
+  for path in ('/usr', '/lib', '/lib64', '/lib32', '/bin', '/sbin'):
+    if os.path.islink(path):
+      args += ['--symlink', os.readlink(path), path]
+    elif os.path.isdir(path):
+      args += ['--ro-bind', path, path]
+  args += ['--ro-bind-try', '/etc/ld.so.cache', '/etc/ld.so.cache']
+  prefix = os.path.realpath(sys.base_prefix)
+  if not prefix.startswith('/usr'):
+    args += ['--ro-bind', prefix, prefix]
+  return args
+
+
+def bwrap_command(python: str | None = None) -> list[str]:
+  """The command line of one sandbox server (exposed for tests and debugging)."""
+  bwrap = shutil.which('bwrap')
+  if bwrap is None:
+    raise SandboxUnavailableError(
+        'bubblewrap (bwrap) is not installed: `apt-get install bubblewrap`, or pass '
+        'allow_unsafe=True to run untrusted code WITHOUT isolation.')
+  python = python or os.path.realpath(sys.executable)
+  caps = []
+  for cap in ('CAP_SYS_ADMIN', 'CAP_SETUID', 'CAP_SETGID'):
+    caps += ['--cap-add', cap]
+  user = [] if os.geteuid() == 0 else ['--unshare-user', '--uid', '0', '--gid', '0']
+  with open(_SERVER_PATH, encoding='utf-8') as f:
+    server_src = f.read()
+  return [
+      bwrap, *user, '--unshare-pid', '--unshare-net', '--unshare-ipc', '--unshare-uts',
+      '--unshare-cgroup-try', '--die-with-parent', '--new-session', '--clearenv',
+      '--setenv', 'PATH', '/usr/bin:/bin', '--setenv', 'LANG', 'C.UTF-8',
+      '--setenv', 'HOME', '/tmp', '--setenv', 'PYTHONDONTWRITEBYTECODE', '1',
+      *_bind_args(), '--tmpfs', '/tmp', '--proc', '/proc', '--dev', '/dev',
+      '--hostname', 'sandbox', '--chdir', '/tmp', *caps,
+      python, '-I', '-S', '-c', server_src,
+  ]
+
+
+class _Server:
+  """One bwrap fork server, used by one caller at a time."""
+
+  def __init__(self, slot: int):
+    self.slot = slot
+    self.proc = None
+
+  def start(self):
+    self.proc = subprocess.Popen(
+        bwrap_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, close_fds=True)
+    line = self._read(6, time.monotonic() + 30.0)
+    if line != b'READY\n':
+      err = self._kill_and_collect_stderr()
+      raise SandboxUnavailableError(f'sandbox server failed to start: {err.strip()!r}')
+
+  def _kill_and_collect_stderr(self) -> str:
+    self.close()
+    try:
+      return self.proc.stderr.read().decode('utf-8', 'replace')[-2000:]
+    except (OSError, ValueError):
+      return ''
+
+  def close(self):
+    if self.proc is not None and self.proc.poll() is None:
+      try:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      self.proc.wait()
+
+  def _read(self, n: int, deadline: float) -> bytes:
+    fd = self.proc.stdout.fileno()
+    buf = b''
+    while len(buf) < n:
+      left = deadline - time.monotonic()
+      if left <= 0 or not select.select([fd], [], [], left)[0]:
+        raise TimeoutError('sandbox server did not answer in time')
+      chunk = os.read(fd, n - len(buf))
+      if not chunk:
+        raise EOFError('sandbox server exited')
+      buf += chunk
+    return buf
+
+  def run(self, code: bytes, stdin: bytes, req: dict) -> tuple[dict, bytes, bytes]:
+    if self.proc is None or self.proc.poll() is not None:
+      self.start()
+    req = dict(req, code_len=len(code), stdin_len=len(stdin))
+    blob = json.dumps(req).encode()
+    try:
+      self.proc.stdin.write(struct.pack('>I', len(blob)) + blob + code + stdin)
+      self.proc.stdin.flush()
+      deadline = time.monotonic() + req['timeout_s'] + _HOST_GRACE_S
+      (size,) = struct.unpack('>I', self._read(4, deadline))
+      header = json.loads(self._read(size, deadline))
+      out = self._read(header.get('stdout_len', 0), deadline)
+      err = self._read(header.get('stderr_len', 0), deadline)
+    except (OSError, EOFError, TimeoutError, ValueError) as e:
+      self.close()
+      raise RuntimeError(f'sandbox server failed: {e!r}') from e
+    return header, out, err
+
+
+class SandboxPool:
+  """A fixed set of fork servers shared by threads; `run` blocks until a server is free."""
+
+  def __init__(self, num_servers: int = 2):
+    if num_servers < 1:
+      raise ValueError(f'num_servers must be >= 1, got {num_servers}')
+    self._idle: queue.Queue[_Server] = queue.Queue()
+    self._all = [_Server(slot) for slot in range(num_servers)]
+    for server in self._all:
+      self._idle.put(server)
+
+  def run(self, code: str, stdin: str | bytes, limits: Limits) -> ExecResult:
+    limits.validate()
+    server = self._idle.get()
+    try:
+      req = {
+          'timeout_s': float(limits.timeout_s),
+          'memory_mb': limits.memory_mb,
+          'max_output_bytes': limits.max_output_bytes,
+          'cpu_s': limits.cpu_s or int(limits.timeout_s) + 1,
+          'file_mb': limits.file_mb,
+          'tmp_mb': limits.tmp_mb,
+          'nofile': limits.nofile,
+          'nproc': limits.nproc,
+          'uid': _BASE_UID + server.slot if os.geteuid() == 0 else 0,
+      }
+      stdin_b = stdin.encode('utf-8') if isinstance(stdin, str) else bytes(stdin)
+      header, out, err = server.run(code.encode('utf-8', 'surrogatepass'), stdin_b, req)
+    finally:
+      self._idle.put(server)
+    if 'server_error' in header:
+      raise RuntimeError(f'sandbox server error: {header["server_error"]}')
+    if header.get('setup_error'):
+      raise SandboxUnavailableError(f'sandbox set-up failed: {header["setup_error"]}')
+    if header['exit_code'] == 126 and err.startswith(b'sandbox setup failed'):
+      raise SandboxUnavailableError(err.decode('utf-8', 'replace').strip())
+    return ExecResult(
+        stdout=out.decode('utf-8', 'replace'), stderr=err.decode('utf-8', 'replace'),
+        exit_code=header['exit_code'], timed_out=header['timed_out'],
+        truncated=header['truncated'], signal=header['signal'], wall_s=header['wall_s'],
+        stdout_bytes=out)
+
+  def close(self):
+    for server in self._all:
+      server.close()
+
+
+_DEFAULT_POOL: SandboxPool | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_pool() -> SandboxPool:
+  """The process-wide pool (R1JAX_SANDBOX_SERVERS servers, default 2), started on first use."""
+  global _DEFAULT_POOL
+  with _DEFAULT_LOCK:
+    if _DEFAULT_POOL is None:
+      _DEFAULT_POOL = SandboxPool(int(os.environ.get('R1JAX_SANDBOX_SERVERS', '2')))
+    return _DEFAULT_POOL
+
+
+def _unsafe_run(code: str, stdin: str | bytes, limits: Limits) -> ExecResult:
+  """No isolation: a plain subprocess with rlimits, killed by process group at the deadline."""
+  def preexec():
+    mb = 1 << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb,) * 2)
+    cpu = limits.cpu_s or int(limits.timeout_s) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb,) * 2)
+  stdin_b = stdin.encode('utf-8') if isinstance(stdin, str) else bytes(stdin)
+  start = time.monotonic()
+  proc = subprocess.Popen([sys.executable, '-I', '-c', code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec,
+                          start_new_session=True, env={'PATH': '/usr/bin:/bin'})
+  timed_out = False
+  try:
+    out, err = proc.communicate(stdin_b, timeout=limits.timeout_s)
+  except subprocess.TimeoutExpired:
+    timed_out = True
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate()
+  cap = limits.max_output_bytes
+  truncated = len(out) > cap or len(err) > cap
+  out, err = out[:cap], err[:cap]
+  code_ = proc.returncode
+  return ExecResult(out.decode('utf-8', 'replace'), err.decode('utf-8', 'replace'), code_,
+                    timed_out, truncated, -code_ if code_ < 0 else None,
+                    time.monotonic() - start, out)
+
+
+def run_python(code: str, *, stdin: str | bytes = '', timeout_s: float = 5.0,
+               memory_mb: int = 512, max_output_bytes: int = 1 << 20,
+               allow_unsafe: bool = False, pool: SandboxPool | None = None,
+               **limit_overrides) -> ExecResult:
+  """Runs `code` as a Python program (as if `python solution.py < stdin`) in the sandbox.
+
+  Args:
+    code: the program source.
+    stdin: bytes or text fed to its standard input.
+    timeout_s: wall-clock limit; at expiry every process of the run is killed.
+    memory_mb: address-space limit (RLIMIT_AS) of each process.
+    max_output_bytes: cap on each of stdout and stderr; exceeding it kills the run
+      (truncated=True).
+    allow_unsafe: if isolation is unavailable, run without it instead of raising.
+    pool: a SandboxPool (default: the process-wide one).
+    **limit_overrides: other Limits fields (cpu_s, file_mb, tmp_mb, nofile, nproc).
+
+  Raises:
+    SandboxUnavailableError: isolation is unavailable and allow_unsafe is False.
+    ValueError: a limit is invalid, or code is not a str.
+  """
+  if not isinstance(code, str):
+    raise ValueError(f'code must be a str, got {type(code).__name__}')
+  limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
+                  **limit_overrides)
+  limits.validate()
+  unsafe = allow_unsafe or os.environ.get('R1JAX_ALLOW_UNSAFE_EXEC') == '1'
+  try:
+    return (pool or default_pool()).run(code, stdin, limits)
+  except SandboxUnavailableError:
+    if not unsafe:
+      raise
+  return _unsafe_run(code, stdin, limits)
