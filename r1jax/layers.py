@@ -56,7 +56,8 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   """RMSNorm (Zhang & Sennrich 2019), statistics in float32 as in the reference."""
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return weight.astype(x.dtype) * normed.astype(x.dtype)
+  w = weight.astype(x.dtype).reshape((1,) * (x.ndim - 1) + weight.shape)
+  return w * normed.astype(x.dtype)
 
 
 def swiglu(x_TxD: jnp.ndarray, p: dict) -> jnp.ndarray:

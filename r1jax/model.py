@@ -295,11 +295,13 @@ def forward_with_cache(params: dict, tokens_BxL, positions_BxL, cache: dict, cfg
 # ---------------------------------------------------------------------------- accounting
 
 def count_params(cfg) -> dict:
-  """{'total', 'activated', 'mtp'} parameter counts, shape-only (nothing allocated).
+  """{'total', 'activated', 'embedding', 'mtp'} parameter counts, shape-only.
 
-  'total' excludes the MTP modules (as the 671B figure of V3 does). 'activated' counts
-  what one token touches: everything but the non-selected routed experts; the input
-  embedding is counted (a lookup, but its parameters are activated).
+  'total' excludes the MTP modules (as V3's 671B does). 'activated' counts the weights one
+  token's computation uses: everything except the non-selected routed experts and the
+  input embedding table (a lookup reads one row). This is the convention that reproduces
+  DeepSeek's published figures best: V2 236B/20.9B (paper: 21B), V3 671.0B/36.6B (37B),
+  V2-Lite 15.7B/2.45B (2.4B). Counting the embedding instead gives 21.4B, 37.6B, 2.66B.
   """
   config_lib.validate_model_config(cfg)
   specs = param_specs(cfg)
@@ -309,8 +311,9 @@ def count_params(cfg) -> dict:
   total = size(specs)
   routed = size(specs["moe_layers"]["moe"]["experts"]) if "moe_layers" in specs else 0
   inactive = routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) if routed else 0
-  return {"total": total, "activated": int(round(total - inactive)),
-          "mtp": size(mtp) if mtp is not None else 0}
+  embedding = size(specs["embed"])
+  return {"total": total, "activated": int(round(total - inactive - embedding)),
+          "embedding": embedding, "mtp": size(mtp) if mtp is not None else 0}
 
 
 def flops_per_token(cfg, seq_len: int) -> dict:
@@ -321,8 +324,9 @@ def flops_per_token(cfg, seq_len: int) -> dict:
   sees (L + 1) / 2 keys on average. 'train' is 3x 'forward' (backward = 2x forward).
   """
   counts = count_params(cfg)
-  matmul = counts["activated"] - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-  matmul -= _norm_and_bias_params(cfg)
+  matmul = counts["activated"] - _norm_and_bias_params(cfg)
+  if cfg.tie_word_embeddings:  # the tied table is used as the output head
+    matmul += counts["embedding"]
   per_layer_attn = 2 * cfg.num_attention_heads * (config_lib.qk_head_dim(cfg) + cfg.v_head_dim)
   attn = cfg.num_hidden_layers * per_layer_attn * (seq_len + 1) / 2
   fwd = 2 * matmul + attn

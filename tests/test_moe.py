@@ -1,0 +1,104 @@
+"""Router semantics on hand-computed examples, balance loss and aux-loss-free bias updates."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import config as config_lib
+from r1jax import moe
+
+
+def _router_cfg(**kw):
+  base = dict(hidden_size=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+              routed_scaling_factor=2.5)
+  base.update(kw)
+  return config_lib.make_model_config(**base)
+
+
+def _logit(p):
+  p = np.asarray(p, np.float64)
+  return np.log(p / (1 - p)).astype(np.float32)
+
+
+SCORES = [0.9, 0.1, 0.5, 0.6, 0.2, 0.3, 0.8, 0.65]
+
+
+def _route(bias, cfg):
+  router = {"w": jnp.eye(8, dtype=jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  x = jnp.asarray(_logit(SCORES))[None, :]   # identity router: logits = x, sigmoid -> SCORES
+  return moe.route(router, x, cfg)
+
+
+def test_group_limited_routing_with_bias_only_for_selection():
+  cfg = _router_cfg()
+  # Biased choice scores: [.9 .1 | .5 .6 | .9 .5 | .8 .65]; group sums 1.0, 1.1, 1.4, 1.45
+  # keep groups 3 and 2; expert 0 (0.9) is dropped with its group; top-2 of {4,5,6,7} = 4, 6.
+  idx, w, scores = _route([0, 0, 0, 0, 0.7, 0.2, 0, 0], cfg)
+  assert sorted(np.asarray(idx[0]).tolist()) == [4, 6]
+  # Weights use the unbiased scores 0.2 and 0.8, normalised (sum 1.0) and scaled by 2.5.
+  got = dict(zip(np.asarray(idx[0]).tolist(), np.asarray(w[0]).tolist()))
+  np.testing.assert_allclose([got[4], got[6]], [0.5, 2.0], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(scores[0]), SCORES, rtol=1e-5)
+
+
+def test_routing_without_bias():
+  cfg = _router_cfg()
+  # Group sums 1.0, 1.1, 0.5, 1.45 -> keep groups 3, 1 -> experts {2,3,6,7} -> top-2 = 6, 7.
+  idx, w, _ = _route(np.zeros(8), cfg)
+  got = dict(zip(np.asarray(idx[0]).tolist(), np.asarray(w[0]).tolist()))
+  assert sorted(got) == [6, 7]
+  np.testing.assert_allclose([got[6], got[7]], [2.5 * 0.8 / 1.45, 2.5 * 0.65 / 1.45], rtol=1e-5)
+
+
+def test_single_group_is_plain_topk_and_softmax_router():
+  cfg = _router_cfg(n_group=1, topk_group=1, scoring_func="softmax", group_score="max",
+                    norm_topk_prob=False, routed_scaling_factor=1.0)
+  router = {"w": jnp.eye(8, dtype=jnp.float32), "bias": jnp.zeros(8)}
+  x = jnp.arange(8, dtype=jnp.float32)[None, :]
+  idx, w, _ = moe.route(router, x, cfg)
+  assert np.asarray(idx[0]).tolist() == [7, 6]
+  p = np.exp(np.arange(8)) / np.exp(np.arange(8)).sum()
+  np.testing.assert_allclose(np.asarray(w[0]), [p[7], p[6]], rtol=1e-5)
+
+
+def test_bias_update_moves_loads_toward_balance():
+  cfg = _router_cfg(n_group=1, topk_group=1)
+  key = jax.random.key(0)
+  # Skewed router: experts 0 and 1 get much larger logits for most tokens.
+  w = jax.random.normal(key, (8, 8)) * 0.5
+  x = jax.random.normal(jax.random.key(1), (512, 8)) + jnp.array([[2.0, 1.5, 0, 0, 0, 0, 0, 0]])
+  w = w.at[:, 0].add(1.0).at[:, 1].add(0.8)
+
+  @jax.jit
+  def loads(bias):
+    idx, _, _ = moe.route({"w": w, "bias": bias}, x, cfg)
+    return jnp.bincount(idx.reshape(-1), length=8).astype(jnp.float32)
+
+  bias = jnp.zeros(8)
+  first = loads(bias)
+  imbalance0 = float(first.max() / first.mean())
+  late = []
+  for step in range(1000):
+    load = loads(bias)
+    if step >= 950:
+      late.append(float(load.max() / load.mean()))
+    bias = moe.update_router_bias(bias, load, rate=0.002)
+  imbalance1 = sum(late) / len(late)   # the sign update oscillates: average the last steps
+  assert imbalance0 > 3.0
+  assert imbalance1 < 1.4, (imbalance0, imbalance1)
+  # The update itself: overloaded experts go down, underloaded ones up, by exactly u.
+  upd = moe.update_router_bias(jnp.zeros(3), jnp.array([5.0, 1.0, 3.0]), rate=0.1)
+  np.testing.assert_allclose(np.asarray(upd), [-0.1, 0.1, 0.0])
+
+
+def test_sequence_balance_loss_hand_computed():
+  cfg = _router_cfg(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=1)
+  # One sequence of 2 tokens; token 0 picks expert 0, token 1 picks expert 1.
+  scores = jnp.array([[0.4, 0.2, 0.2, 0.2], [0.1, 0.5, 0.2, 0.2]])
+  idx = jnp.array([[0], [1]])
+  valid = jnp.ones((1, 2), bool)
+  # f = E/(K*L) * counts = 2 * [1, 1, 0, 0]; P = mean of normalised scores = [.25, .35, .2, .2]
+  expected = 2 * 0.25 + 2 * 0.35
+  got = moe.sequence_balance_loss(scores, idx, valid, cfg)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-6)
