@@ -1,0 +1,38 @@
+"""Length-prefixed JSON frames over raw file descriptors: the host <-> helper process protocol.
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON. Raw fds (not
+Python file objects) keep select() and the bytes actually read in agreement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+  buf = b''
+  while len(buf) < n:
+    chunk = os.read(fd, n - len(buf))
+    if not chunk:
+      return None
+    buf += chunk
+  return buf
+
+
+def read_frame_or_none(fd: int) -> dict | None:
+  """The next frame's JSON value, or None at end of file."""
+  header = _read_exact(fd, 4)
+  if header is None:
+    return None
+  (size,) = struct.unpack('>I', header)
+  body = _read_exact(fd, size)
+  return None if body is None else json.loads(body)
+
+
+def write_frame(fd: int, message) -> None:
+  """Writes one JSON-serialisable value as a frame (blocking until fully written)."""
+  blob = json.dumps(message).encode()
+  data = memoryview(struct.pack('>I', len(blob)) + blob)
+  while data:
+    data = data[os.write(fd, data):]
