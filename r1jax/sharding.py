@@ -1,0 +1,125 @@
+"""Device mesh and the ONE table mapping logical axis names to mesh axes.
+
+Model code never names devices: every parameter carries logical axis names
+(`model.param_axes`), and `RULES` below decides which mesh axis, if any, each one is split
+over. Changing the parallelism of an ablation is a config edit (mesh shape, or a rules
+override), never a model edit.
+
+Mesh axes: 'data' (pure data parallel), 'fsdp' (data parallel with parameters sharded
+ZeRO-3 style), 'expert' (routed experts split across devices), 'tensor' (heads / FFN
+hidden split). A dim whose size does not divide its mesh axis is replicated instead, and a
+mesh axis is used at most once per array.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp", "expert"),
+    "layers": None,
+    "mtp_layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_lora": None,
+    "kv_lora": None,
+    "kv_lora_rope": None,
+    "heads": "tensor",
+    "qk_head": None,
+    "kv_head": None,
+    "v_head": None,
+    "mlp": "tensor",
+    "mtp_concat": None,
+    "exp": "expert",
+    "exp_route": None,
+    "expert_mlp": "tensor",
+}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over MESH_AXES; one axis may be -1 (takes the remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("at most one mesh axis may be -1")
+  if -1 in sizes:
+    rest = math.prod(s for s in sizes if s != -1)
+    if len(devices) % rest:
+      raise ValueError(f"{len(devices)} devices do not split into mesh {dict(shape)}")
+    sizes[sizes.index(-1)] = len(devices) // rest
+  if any(s <= 0 for s in sizes) or math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"have {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_size(mesh: Mesh, axes) -> int:
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(logical_axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping | None = None) -> P:
+  """PartitionSpec for one array from its logical axes (see module docstring)."""
+  rules = {**RULES, **(rules or {})}
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(logical_axes, shape):
+    if name not in rules:
+      raise ValueError(f"logical axis {name!r} has no sharding rule; add it to sharding.RULES")
+    target = rules[name]
+    if target is None:
+      out.append(None)
+      continue
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+    if not axes or dim % _mesh_size(mesh, axes):
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def param_shardings(cfg, mesh: Mesh, rules: Mapping | None = None):
+  """NamedSharding tree parallel to `model.init_params(cfg, key)`."""
+  from r1jax import model  # local import: model does not depend on sharding
+  from r1jax.layers import is_spec
+  return jax.tree.map(
+      lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)),
+      model.param_specs(cfg), is_leaf=is_spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None,
+                   rules: Mapping | None = None) -> NamedSharding:
+  """Leading dim split over the batch mesh axes, the rest replicated."""
+  shape = (batch_size if batch_size is not None else _mesh_size(mesh, _batch_axes(mesh, rules)),)
+  spec = logical_to_spec(("batch",), shape, mesh, rules)
+  return NamedSharding(mesh, P(*(tuple(spec) + (None,) * (ndim - 1))))
+
+
+def _batch_axes(mesh, rules):
+  target = {**RULES, **(rules or {})}["batch"]
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  return tuple(a for a in axes if a in mesh.shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def init_sharded_params(cfg, key, mesh: Mesh, rules: Mapping | None = None):
+  """Shape-first sharded init: no host ever holds the full parameter set."""
+  from r1jax import model
+  shardings = param_shardings(cfg, mesh, rules)
+  return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=shardings)(key)
