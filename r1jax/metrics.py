@@ -1,0 +1,289 @@
+"""Run metrics: JSONL + TensorBoard per step, a progress bar, summary.json and PNG curves.
+
+Every long run writes into its workdir
+  metrics.jsonl   one JSON object per logged step: {"step": 12, "loss": 0.41, ...}
+  tb/             TensorBoard event files (tensorboardX) with the same scalars
+  summary.json    final figures, written once at the end (write_summary)
+  *.png           learning curves drawn from metrics.jsonl (plot_curves)
+so a researcher can read results with `tail`, TensorBoard, or a notebook.
+
+Device values are read one step late (OneStepLate, STYLE.md item 11): the host queues the
+step's metrics and converts the previous step's, which is already computed, so it never
+waits on the device and dispatch stays ahead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TB_DIR = "tb"
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict:
+  """Fetches a flat dict of scalar (device or host) values to Python numbers.
+
+  Size-1 arrays become float (int for integer dtypes, bool for booleans); strings pass
+  through. Anything else raises ValueError naming the key, rather than logging garbage.
+  """
+  fetched = jax.device_get(dict(metrics))
+  out = {}
+  for key, value in fetched.items():
+    if isinstance(value, str) or value is None:
+      out[key] = value
+      continue
+    arr = np.asarray(value)
+    if arr.size != 1 or arr.dtype.kind not in "biuf":
+      raise ValueError(f"metric {key!r} must be a scalar number or a string; "
+                       f"got shape {arr.shape} dtype {arr.dtype}")
+    item = arr.reshape(()).item()
+    out[key] = item if arr.dtype.kind in "biu" else float(item)
+  return out
+
+
+def _json_value(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # strict JSON has no NaN/inf; TensorBoard still gets the raw value
+  return value
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Records of a metrics.jsonl (path to the file or to its workdir), in file order.
+
+  A last line cut short by a killed process (no trailing newline, not valid JSON) is
+  skipped; any other malformed line raises ValueError with its line number.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:  # an unterminated final line: an interrupted write
+        break
+      raise ValueError(f"{path}:{i + 1}: not a JSON line ({e})") from e
+  return records
+
+
+class MetricsWriter:
+  """Appends one JSON line per step to <workdir>/metrics.jsonl and scalars to TensorBoard.
+
+  Resuming: pass resume_step, the step of the checkpoint the run restarts from. Lines
+  with step > resume_step (written after that checkpoint by the interrupted run) are
+  removed, and TensorBoard is told to purge its events past resume_step, so the curves
+  hold each step once. resume_step=None means a fresh run: an existing metrics.jsonl
+  (left by a run killed before its first checkpoint) is cleared.
+  Each write() is flushed, so a killed run loses at most the line being written.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: Optional[int] = None,
+               tensorboard: bool = True):
+    if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
+      raise ValueError(f"resume_step must be a non-negative int or None; got {resume_step!r}")
+    self.workdir = os.fspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self.path = os.path.join(self.workdir, METRICS_FILE)
+    keep = []
+    if resume_step is not None:
+      keep = [r for r in read_metrics(self.path) if r.get("step", math.inf) <= resume_step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for record in keep:
+        f.write(json.dumps(record) + "\n")
+    os.replace(tmp, self.path)  # atomic: a crash here leaves the old or the new file
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: heavy and optional at read time
+      purge = 0 if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), purge_step=purge)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
+    """Writes `metrics` (scalars, device or host) for `step`; returns the host values."""
+    if not isinstance(step, numbers.Integral) or step < 0:
+      raise ValueError(f"step must be a non-negative int; got {step!r}")
+    if "step" in metrics:
+      raise ValueError("metrics must not contain a 'step' key (it is the record's own step)")
+    values = to_host(metrics)
+    record = {"step": int(step)}
+    record.update({k: _json_value(v) for k, v in values.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, global_step=int(step))
+    return values
+
+  def flush(self) -> None:
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class OneStepLate:
+  """Holds a step's device metrics and hands back the previous step's as host numbers.
+
+    late = OneStepLate()
+    for step in ...:
+      state, m = train_step(state, batch)        # dispatched, not waited for
+      if (ready := late.push(step, m)) is not None:
+        writer.write(*ready)                     # step - 1, already computed
+    if (ready := late.flush()) is not None:
+      writer.write(*ready)
+
+  push() never touches the metrics it is given, so it does not block on the step that
+  was just dispatched.
+  """
+
+  def __init__(self):
+    self._pending: Optional[tuple[int, Mapping[str, Any]]] = None
+
+  def push(self, step: int, device_metrics: Mapping[str, Any]) -> Optional[tuple[int, dict]]:
+    previous, self._pending = self._pending, (step, device_metrics)
+    if previous is None:
+      return None
+    return previous[0], to_host(previous[1])
+
+  def flush(self) -> Optional[tuple[int, dict]]:
+    """The pending step's metrics as host numbers (blocks on it), or None if none."""
+    if self._pending is None:
+      return None
+    step, metrics = self._pending
+    self._pending = None
+    return step, to_host(metrics)
+
+
+class ProgressBar:
+  """tqdm bar over steps whose postfix shows a few chosen metrics.
+
+  Shown on non-terminals too (logs of batch jobs) unless disable=True; disable=None
+  leaves it to tqdm (off when the stream is not a TTY).
+
+    bar = ProgressBar(num_steps, keys=("loss", "reward"), initial=start_step)
+    bar.update(step + 1, metrics)
+  """
+
+  def __init__(self, total: int, keys: Sequence[str] = (), *, initial: int = 0,
+               desc: Optional[str] = None, file=None, disable: Optional[bool] = False):
+    from tqdm.auto import tqdm
+    self.keys = tuple(keys)
+    self._bar = tqdm(total=total, initial=initial, desc=desc, file=file, disable=disable,
+                     dynamic_ncols=True)
+    self._position = initial
+
+  def update(self, step: int, metrics: Optional[Mapping[str, Any]] = None) -> None:
+    """Moves the bar to `step` (steps done) and shows the chosen metrics from `metrics`."""
+    if step > self._position:
+      self._bar.update(step - self._position)
+      self._position = step
+    if metrics:
+      shown = {k: metrics[k] for k in self.keys if k in metrics}
+      if shown:
+        host = to_host(shown)
+        self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                               for k, v in host.items()})
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> "ProgressBar":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
+  """Writes <workdir>/summary.json (sorted keys, indented); returns its path.
+
+  Device scalars are fetched; non-finite floats become null. Values must be JSON-able.
+  """
+  def convert(v):
+    if isinstance(v, Mapping):
+      return {str(k): convert(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [convert(x) for x in v]
+    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+      arr = np.asarray(jax.device_get(v))
+      v = arr.tolist()
+      return convert(v) if isinstance(v, list) else _json_value(v)
+    return _json_value(v)
+
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, SUMMARY_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(convert(summary), f, indent=2, sort_keys=True, allow_nan=False)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def plot_curves(workdir: str, keys: Iterable[str], out_png: str):
+  """Draws each metric in `keys` against step from <workdir>/metrics.jsonl into out_png.
+
+  One panel per key; steps where a key is missing or null are skipped. out_png is taken
+  relative to workdir unless absolute. Returns the matplotlib Figure (no pyplot state is
+  touched, so this is safe in threads and headless jobs); its panels' lines carry the
+  key as label.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  keys = list(keys)
+  if not keys:
+    raise ValueError("plot_curves needs at least one metric key")
+  records = read_metrics(workdir)
+  series = {}
+  for key in keys:
+    points = [(r["step"], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    series[key] = points
+  missing = [k for k, pts in series.items() if not pts]
+  if missing:
+    raise ValueError(f"no values for metric(s) {missing} in {os.path.join(workdir, METRICS_FILE)}")
+
+  fig = Figure(figsize=(5.0 * min(len(keys), 3), 3.5 * math.ceil(len(keys) / 3)), dpi=100)
+  FigureCanvasAgg(fig)
+  cols = min(len(keys), 3)
+  rows = math.ceil(len(keys) / cols)
+  for i, key in enumerate(keys):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    steps, values = zip(*series[key])
+    ax.plot(steps, values, label=key)
+    ax.set_title(key)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  if not os.path.isabs(out_png):
+    out_png = os.path.join(workdir, out_png)
+  fig.savefig(out_png, format="png")
+  return fig
