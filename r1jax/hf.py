@@ -119,8 +119,9 @@ def _check_supported(d: dict) -> None:
                      "blocks) are not supported: dequantize to bfloat16 first")
   if d.get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json 'hidden_act' must be 'silu', got {d['hidden_act']!r}")
-  if d.get("attention_bias", False):
-    raise ValueError("config.json 'attention_bias' true is not supported")
+  for key in ("attention_bias", "mlp_bias"):
+    if d.get(key, False):
+      raise ValueError(f"config.json {key!r} true is not supported (DeepSeek has no biases)")
   if d.get("rope_interleave", True) is False:
     raise ValueError("config.json 'rope_interleave' false is not supported: r1jax expects the "
                      "reference's interleaved RoPE layout")
@@ -441,7 +442,7 @@ def load_checkpoint(path: str, **overrides):
   if missing:
     raise ValueError(f"{len(missing)} tensor(s) missing from {path!r}: {_few(missing)}")
   if skipped:
-    logging.info("Skipped %d MTP tensor(s) that duplicate the shared embedding/head: %s",
+    logging.info("Skipped %d tensor(s) that duplicate the shared embedding/head: %s",
                  len(skipped), _few(skipped, 2))
   if dropped_mtp:
     layers = sorted(_hf_mtp_layers(dropped_mtp, cfg.num_hidden_layers))
@@ -479,11 +480,17 @@ def _fill_fused(group: dict, which: str, t: np.ndarray, fill) -> None:
 
 def _hf_tensors(cfg, params):
   """Yields (hub name, shape, nbytes, make) for every tensor save_checkpoint writes."""
+  zero_bias = {}  # V2 (softmax) checkpoints carry no correction bias: omit an all-zero one.
   for e in _entries(cfg):
     try:
       leaf = _get(params, e.leaf)
     except KeyError:
       raise ValueError(f"params lack {'/'.join(e.leaf)} (needed for {e.name!r})") from None
+    if cfg.scoring_func == "softmax" and e.leaf[-1] == "bias":
+      if e.leaf not in zero_bias:
+        zero_bias[e.leaf] = not np.any(np.asarray(leaf))
+      if zero_bias[e.leaf]:
+        continue
     want = e.stack + e.shape
     if tuple(leaf.shape) != want:
       raise ValueError(f"params {'/'.join(e.leaf)} has shape {list(leaf.shape)}, expected "
@@ -508,7 +515,8 @@ def save_checkpoint(cfg, params, path: str, *, max_shard_bytes: int = _DEFAULT_S
   Per-expert tensors, [out, in] weights, config.json with `rope_scaling`. Splits
   into model-0000i-of-0000N.safetensors plus an index when the tensors exceed
   `max_shard_bytes`; holds at most one shard's converted tensors in memory.
-  Tensors keep the dtype of params (so load -> save -> load is bit-exact).
+  Tensors keep the dtype of params (so load -> save -> load is bit-exact). With
+  softmax scoring (V2) an all-zero router bias is omitted, as V2 checkpoints have none.
   """
   hf_config = config_to_hf(cfg)
   plan = list(_hf_tensors(cfg, params))

@@ -21,7 +21,7 @@ from r1jax import hf
 from r1jax import model
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-NAMES = ("v3", "noq", "yarn")
+NAMES = ("v3", "noq", "yarn", "v2")
 IMPLS = [(m, a) for m in ("dense", "ragged") for a in ("naive", "absorbed")]
 TOL = 1e-4
 
@@ -231,15 +231,17 @@ def test_bfloat16_param_dtype_round_trips(tmp_path):
   _assert_params_identical(params, params2)
 
 
-def test_saved_checkpoint_loads_in_transformers(tmp_path):
-  """Our hub-spelling config.json (rope_scaling) rebuilds the same HF model."""
+@pytest.mark.parametrize("name", ["yarn", "v2"])
+def test_saved_checkpoint_loads_in_transformers(name, tmp_path):
+  """Our hub-spelling config.json (rope_scaling) rebuilds the same HF model (V3 and V2)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  cfg, params = hf.load_checkpoint(_fixture("yarn"))
+  cfg, params = hf.load_checkpoint(_fixture(name))
   out = str(tmp_path / "for_hf")
   hf.save_checkpoint(cfg, params, out)
   m = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-  g = _golden("yarn")
+  assert type(m).__name__ == hf.config_to_hf(cfg)["architectures"][0]
+  g = _golden(name)
   with torch.no_grad():
     logits = m(torch.tensor(g["tokens_BxL"]).long()).logits.numpy()
   np.testing.assert_allclose(logits, g["logits_BxLxV"], atol=1e-5, rtol=0)
