@@ -173,11 +173,16 @@ def _math_module():
 
 
 def math_is_correct(completion: str, answer: str) -> bool:
-  """Well-formed, and the <answer> is mathematically equivalent to the gold answer."""
+  """Well-formed, and the <answer> states a value equivalent to the gold answer.
+
+  The answer is taken from the <answer> block by `r1jax.verify.math.extract_answer`
+  (a \\boxed{} inside it wins, else its text) and compared by `is_equivalent`.
+  """
   parsed = base.parse_response(completion)
   if parsed is None or not parsed[1]:
     return False
-  return bool(_math_module().is_equivalent(parsed[1], answer))
+  verify_math = _math_module()
+  return bool(verify_math.is_equivalent(answer, verify_math.extract_answer(completion)))
 
 
 class JsonlTask(base.Task):
