@@ -1,0 +1,350 @@
+"""Rollouts for GRPO: one prefill pass, then a jitted decode loop over the latent cache.
+
+Why a dedicated engine: GRPO (DeepSeek-R1 section 2.2.1) samples G completions per prompt
+and needs, for each sampled token, its log-probability under the sampling ("old") policy.
+This file turns a list of prompts of different lengths into completions, masks and those
+log-probs, with the whole decode loop inside one `jax.jit`.
+
+Layout. Prompts are left-aligned: row b holds its prompt at positions 0..n_b-1, is padded to
+a bucketed width P, and its completion is written right after the prompt (from column n_b),
+so a row's computation never depends on other rows' lengths. Prefill runs the padded
+[B, P] batch once (positions 0..P-1) and fills a preallocated cache that holds only the
+MLA latents c_kv [C] and k_rope [R] per token per layer (DeepSeek-V2 section 2.1.3:
+(C + R) numbers, never per-head keys and values). The next-token logits of row b are read
+at index n_b - 1. Decode step t feeds row b's previous token at position n_b + t - 1;
+`model.forward_with_cache` writes its latents at slot = position and lets a query at q see
+slots <= q, so the prefill's padding slots are overwritten before anything reads them.
+Decode uses the absorbed attention path (W_UK folded into the query, W_UV after the
+weighted sum, DeepSeek-V2 appendix C), and a `lax.while_loop` that stops as soon as every
+row has emitted an end-of-sequence id.
+
+Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k
+(keep the k largest), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text
+Degeneration": keep the smallest set of most likely tokens whose probability reaches p;
+ties with the last kept value are kept too). Keys: row b uses its own key k_b (the given
+per-row keys, or fold_in(key, b)); step t draws with fold_in(k_b, t). So a row's samples
+depend only on its key, never on the other rows in the batch.
+
+Log-probs are log_softmax of the raw (temperature 1) logits at the sampled token, whatever
+temperature / top-k / top-p drew it: these are GRPO's pi_old(o_t | q, o_<t) when rollouts
+use the training policy unchanged. (They are the log-probs the sampler computed in decode
+order; a teacher-forced forward over the same tokens gives the same values up to float
+rounding, which the tests check.)
+
+Sharded rollouts: pass `mesh` (from `sharding.make_mesh`); the batch is split over the
+mesh's batch axes (rows are padded up to a multiple of that split and dropped afterwards),
+the parameters are placed with `sharding.param_shardings(cfg, mesh, param_rules)` (the
+training layout, or a rollout-specific rules override) and the cache is split like the
+batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from r1jax import config as config_lib
+from r1jax import model
+
+
+class SampleOutput(NamedTuple):
+  """What `generate` returns (jax arrays; W = max prompt length + max_new_tokens).
+
+  tokens:          [B, W] int32, row b: its prompt, then its completion, then pad_id.
+  completion_mask: [B, W] bool, True exactly at the completion tokens (EOS included; the
+                   pad emitted after EOS and the prompt are False).
+  lengths:         [B] int32, number of completion tokens (the True count of the mask row).
+  logprobs:        [B, W] float32, at completion tokens the log-prob of that token under
+                   the temperature-1 model, 0 elsewhere.
+  truncated:       [B] bool, no EOS id within max_new_tokens (always True without eos_ids).
+  prompt_lengths:  [B] int32, n_b; row b's completion starts at column n_b.
+  steps:           [] int32, decode steps run (< max_new_tokens when every row stopped early).
+  """
+  tokens: jax.Array
+  completion_mask: jax.Array
+  lengths: jax.Array
+  logprobs: jax.Array
+  truncated: jax.Array
+  prompt_lengths: jax.Array
+  steps: jax.Array
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def pad_prompts(prompts, pad_id: int = 0, bucket: int = 1, lengths=None):
+  """Left-aligned padded prompts: returns (prompt_BxP int32, lengths_B int32), host numpy.
+
+  `prompts` is a list of token-id lists, or a [B, L] array plus `lengths` (each row's
+  prompt is its first lengths[b] entries). P is the longest prompt rounded up to a multiple
+  of `bucket`, so batches of similar lengths share one compiled program.
+  """
+  if bucket < 1:
+    raise ValueError(f"bucket must be >= 1, got {bucket}")
+  if lengths is not None or (isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2):
+    arr = np.asarray(prompts)
+    if arr.ndim != 2:
+      raise ValueError(f"a padded prompt array must be [batch, length], got shape {arr.shape}")
+    lens = (np.full((arr.shape[0],), arr.shape[1], np.int64) if lengths is None
+            else np.asarray(lengths).astype(np.int64))
+    if lens.shape != (arr.shape[0],):
+      raise ValueError(f"lengths must have shape ({arr.shape[0]},), got {lens.shape}")
+    if lens.size and (lens.min() < 1 or lens.max() > arr.shape[1]):
+      raise ValueError(f"prompt lengths must lie in [1, {arr.shape[1]}], got {lens.tolist()}")
+    rows = [arr[b, :lens[b]] for b in range(arr.shape[0])]
+  else:
+    rows = [np.asarray(p) for p in prompts]
+  if not rows:
+    raise ValueError("prompts must hold at least one prompt")
+  for b, r in enumerate(rows):
+    if r.ndim != 1 or r.size == 0:
+      raise ValueError(f"prompt {b} must be a non-empty 1-D list of token ids, got shape {r.shape}")
+    if r.dtype.kind not in "iu":
+      raise ValueError(f"prompt {b} must hold integer token ids, got dtype {r.dtype}")
+  lens = np.array([r.size for r in rows], np.int32)
+  width = -(-int(lens.max()) // bucket) * bucket
+  out = np.full((len(rows), width), pad_id, np.int32)
+  for b, r in enumerate(rows):
+    out[b, :r.size] = r
+  return out, lens
+
+
+def _row_keys(key, batch: int):
+  """Per-row typed keys [B]: a single key is split as fold_in(key, b); [B] keys are used as is."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
+      raise ValueError(f"key must be a jax.random key or a raw uint32[..., 2] key, got "
+                       f"{key.dtype}{list(key.shape)}")
+    key = jax.random.wrap_key_data(key)
+  if key.shape == ():
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+  if key.shape == (batch,):
+    return key
+  raise ValueError(f"key must be one key or one per row ({batch}), got shape {key.shape}")
+
+
+# ---------------------------------------------------------------------------- sampling
+
+def filter_logits(logits_BxV, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """Scaled logits with every token outside top-k / top-p set to -inf (temperature > 0)."""
+  x_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth_Bx1 = jax.lax.top_k(x_BxV, top_k)[0][:, -1:]
+    x_BxV = jnp.where(x_BxV < kth_Bx1, -jnp.inf, x_BxV)
+  if top_p < 1.0:
+    sorted_BxV = -jnp.sort(-x_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    n_keep_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
+    cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+    x_BxV = jnp.where(x_BxV < cutoff_Bx1, -jnp.inf, x_BxV)
+  return x_BxV
+
+
+def sample_tokens(logits_BxV, keys_B, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """One token per row: argmax at temperature 0, else a draw with row b's key."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  x_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
+  return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+
+
+def _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id):
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if not np.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if not 0.0 <= top_p <= 1.0:
+    raise ValueError(f"top_p must lie in [0, 1], got {top_p}")
+  if not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k must be an int in [0, vocab_size={cfg.vocab_size}] (0 = off), got {top_k!r}")
+  for name, ids in (("eos_ids", tuple(eos_ids)), ("pad_id", (pad_id,))):
+    for i in ids:
+      if not isinstance(i, (int, np.integer)) or not 0 <= i < cfg.vocab_size:
+        raise ValueError(f"{name} must be token ids in [0, {cfg.vocab_size}), got {i!r}")
+
+
+# ---------------------------------------------------------------------------- model steps
+
+def decode_config(cfg) -> ml_collections.ConfigDict:
+  """A copy of `cfg` using the absorbed attention path (attention against the latents)."""
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.attention_impl = "absorbed"
+  return out
+
+
+def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None):
+  """Runs the padded prompts once into a fresh latent cache of `max_len` slots.
+
+  Returns (next-token logits [B, V] float32 read at index lengths_B - 1, cache). The cache
+  is `model.init_cache`: {'ckv': [layers, B, max_len, C], 'krope': [layers, B, max_len, R]}.
+  """
+  b, p = prompt_BxP.shape
+  if max_len < p:
+    raise ValueError(f"max_len ({max_len}) must hold the {p} prompt positions")
+  cache = model.init_cache(cfg, b, max_len)
+  if cache_sharding is not None:
+    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+  positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
+  logits_BxPxV, cache = model.forward_with_cache(params, prompt_BxP, positions_BxP, cache, cfg)
+  last_Bx1 = (lengths_B - 1).astype(jnp.int32)[:, None]
+  logits_BxV = jnp.take_along_axis(logits_BxPxV, last_Bx1[:, :, None], axis=1)[:, 0]
+  return logits_BxV, cache
+
+
+def decode_step(params, cfg, tokens_B, positions_B, cache):
+  """One new token per row at `positions_B`; returns (logits [B, V], updated cache)."""
+  logits_Bx1xV, cache = model.forward_with_cache(
+      params, tokens_B[:, None], positions_B[:, None], cache, cfg)
+  return logits_Bx1xV[:, 0], cache
+
+
+class _State(NamedTuple):
+  t: jax.Array             # [] completion index of the token emitted next
+  cache: dict
+  last_B: jax.Array        # the token emitted at step t - 1
+  done_B: jax.Array        # the row has emitted an EOS id
+  tokens_BxW: jax.Array
+  mask_BxW: jax.Array
+  logprobs_BxW: jax.Array
+
+
+def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temperature,
+             top_p, top_k, eos_ids, pad_id, cache_sharding):
+  """The jitted body of `generate` (see the module docstring for the layout)."""
+  b, p = prompt_BxP.shape
+  w = p + max_new_tokens
+  rows_B = jnp.arange(b)
+  logits_BxV, cache = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding)
+  eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
+
+  def emit(st: _State, logits_BxV) -> _State:
+    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, st.t)
+    tok_B = sample_tokens(logits_BxV, step_keys_B, temperature, top_k, top_p)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1),
+                                 tok_B[:, None], axis=-1)[:, 0]
+    active_B = ~st.done_B
+    tok_B = jnp.where(active_B, tok_B, pad_id)
+    col_B = lengths_B + st.t
+    hit_B = jnp.isin(tok_B, eos) if eos is not None else jnp.zeros((b,), bool)
+    return st._replace(
+        last_B=tok_B, done_B=st.done_B | (active_B & hit_B),
+        tokens_BxW=st.tokens_BxW.at[rows_B, col_B].set(tok_B),
+        mask_BxW=st.mask_BxW.at[rows_B, col_B].set(active_B),
+        logprobs_BxW=st.logprobs_BxW.at[rows_B, col_B].set(jnp.where(active_B, logp_B, 0.0)))
+
+  tokens_BxW = jnp.concatenate(
+      [prompt_BxP, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
+  st = _State(t=jnp.int32(0), cache=cache, last_B=jnp.zeros((b,), jnp.int32),
+              done_B=jnp.zeros((b,), bool), tokens_BxW=tokens_BxW,
+              mask_BxW=jnp.zeros((b, w), bool), logprobs_BxW=jnp.zeros((b, w), jnp.float32))
+  st = emit(st, logits_BxV)._replace(t=jnp.int32(1))
+
+  def cond(st: _State):
+    return (st.t < max_new_tokens) & ~jnp.all(st.done_B)
+
+  def body(st: _State) -> _State:
+    logits_BxV, cache = decode_step(params, cfg, st.last_B, lengths_B + st.t - 1, st.cache)
+    if cache_sharding is not None:
+      cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    st = emit(st._replace(cache=cache), logits_BxV)
+    return st._replace(t=st.t + 1)
+
+  st = jax.lax.while_loop(cond, body, st)
+  n_gen_B = jnp.sum(st.mask_BxW, axis=1).astype(jnp.int32)
+  return SampleOutput(tokens=st.tokens_BxW, completion_mask=st.mask_BxW, lengths=n_gen_B,
+                      logprobs=st.logprobs_BxW, truncated=~st.done_B,
+                      prompt_lengths=lengths_B, steps=st.t)
+
+
+_JITTED: dict = {}
+
+
+def _jitted_rollout(cfg, **static):
+  """One jitted rollout per (config, sampling settings); jit then caches per shape."""
+  key = (ml_collections.FrozenConfigDict(cfg), tuple(sorted(static.items())))
+  if key not in _JITTED:
+    def fn(params, prompt_BxP, lengths_B, keys_B):
+      return _rollout(params, prompt_BxP, lengths_B, keys_B, cfg=cfg, **static)
+    _JITTED[key] = jax.jit(fn)
+  return _JITTED[key]
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+             lengths=None, prompt_bucket: int = 16, mesh=None, param_rules=None) -> SampleOutput:
+  """Samples a completion for every prompt; see SampleOutput and the module docstring.
+
+  prompts: a list of token-id lists (any lengths >= 1), or a [B, L] array with `lengths`.
+  key: one jax.random key, or one per row ([B] typed keys / [B, 2] raw) to pin each row's
+    randomness independently of the batch it is in.
+  prompt_bucket: the padded prompt width is rounded up to a multiple of this, so the
+    program compiles once per (batch, bucket, max_new_tokens) rather than per prompt length.
+  mesh / param_rules: shard the rollout (batch over the batch axes of `mesh`, parameters by
+    `sharding.param_shardings(cfg, mesh, param_rules)`); None runs on the default device.
+  """
+  config_lib.validate_model_config(cfg)
+  _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id)
+  prompt_BxP, lengths_B = pad_prompts(prompts, pad_id, prompt_bucket, lengths)
+  model.check_tokens(prompt_BxP, cfg)
+  b = prompt_BxP.shape[0]
+  longest = int(lengths_B.max())
+  if longest + max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+                     f"max_position_embeddings ({cfg.max_position_embeddings})")
+  keys_B = _row_keys(key, b)
+
+  cache_sharding = None
+  if mesh is not None:
+    from r1jax import sharding  # local import: unsharded rollouts need no mesh code
+    split = _batch_split(mesh, sharding.batch_sharding(mesh, 1, None, param_rules))
+    extra = -b % split
+    if extra:  # rows padded to a multiple of the batch split, dropped below
+      prompt_BxP = np.concatenate([prompt_BxP, np.full((extra, prompt_BxP.shape[1]), pad_id,
+                                                       np.int32)])
+      lengths_B = np.concatenate([lengths_B, np.ones((extra,), np.int32)])
+      keys_B = jnp.concatenate([keys_B, _row_keys(jax.random.key(0), extra)])
+    bs = sharding.batch_sharding(mesh, 2, b + extra, param_rules)
+    b1 = sharding.batch_sharding(mesh, 1, b + extra, param_rules)
+    cache_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        None, *tuple(bs.spec)[:1], None, None))
+    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, param_rules))
+    prompt_BxP, lengths_B, keys_B = (jax.device_put(prompt_BxP, bs), jax.device_put(lengths_B, b1),
+                                     jax.device_put(keys_B, b1))
+
+  fn = _jitted_rollout(decode_config(cfg), max_new_tokens=int(max_new_tokens),
+                       temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
+                       cache_sharding=cache_sharding)
+  out = fn(params, prompt_BxP, lengths_B, keys_B)
+  width = longest + max_new_tokens
+  if out.tokens.shape != (b, width):
+    out = SampleOutput(*(x if x.ndim == 0 else (x[:b, :width] if x.ndim == 2 else x[:b])
+                         for x in out))
+  return out
+
+
+def _batch_split(mesh, batch_sharding_1d) -> int:
+  """How many ways the batch mesh axes split the leading dim."""
+  spec = tuple(batch_sharding_1d.spec)
+  if not spec or spec[0] is None:
+    return 1
+  axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def cache_bytes_per_token(cfg, dtype_bytes: int | None = None) -> dict:
+  """Bytes one token occupies in the latent cache vs a per-head MHA cache of the same model.
+
+  Latent (MLA): layers * (C + R). Per-head MHA: layers * H * ((N + R) keys + A values).
+  """
+  nbytes = dtype_bytes or jnp.dtype(model._DTYPES[cfg.dtype]).itemsize
+  latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * nbytes
+  mha = (cfg.num_hidden_layers * cfg.num_attention_heads
+         * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * nbytes)
+  return {"latent": int(latent), "mha": int(mha), "ratio": mha / latent}
