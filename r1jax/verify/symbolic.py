@@ -214,6 +214,8 @@ def _fork_worker() -> tuple[int, int, int]:
 
 def serve(in_fd: int = 0, out_fd: int = 1) -> None:
   """Answers {'gold', 'answer', 'timeout_s'} frames with {'result', 'error'?} frames."""
+  out_fd = os.dup(out_fd)
+  os.dup2(2, 1)  # stray prints from parsing code go to stderr, not into the protocol
   symbolic_equal('x+1', '1+x')  # loads the LaTeX parser before forking
   worker = None
   frames.write_frame(out_fd, {'ready': True})
