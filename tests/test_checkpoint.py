@@ -185,3 +185,41 @@ def test_bad_arguments_raise(tmp_path):
     ckpt.wait()
     with pytest.raises(ValueError, match="step 5 is not a finalised checkpoint"):
       ckpt.restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)}, step=5)
+
+
+def test_grain_iterator_states_resume_exactly(tmp_path):
+  import grain
+  import grain.python as gp
+  ds = grain.MapDataset.range(40).shuffle(seed=3).batch(4).to_iter_dataset()
+  loader = gp.DataLoader(
+      data_source=gp.RangeDataSource(0, 40, 1),
+      sampler=gp.IndexSampler(40, shuffle=True, seed=1, num_epochs=1,
+                              shard_options=gp.NoSharding()),
+      worker_count=0)
+  for source in (ds, loader):
+    it = iter(source)
+    for _ in range(3):
+      next(it)
+    with checkpoint.CheckpointManager(tmp_path / type(source).__name__) as ckpt:
+      ckpt.save(3, {"x": jnp.zeros(1)}, data_state=it.get_state())
+      expected = [np.asarray(next(it)) for _ in range(3)]
+      restored = ckpt.restore({"x": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    resumed = iter(source)
+    resumed.set_state(restored.data_state)
+    for want in expected:
+      np.testing.assert_array_equal(np.asarray(next(resumed)), want)
+
+
+def test_sharded_save_restores_into_a_different_mesh_layout(tmp_path):
+  devices = np.array(jax.devices())
+  mesh_a = Mesh(devices.reshape(4, 2), ("data", "model"))
+  mesh_b = Mesh(devices.reshape(2, 4), ("data", "model"))
+  w = jax.device_put(jnp.arange(128.0).reshape(8, 16), NamedSharding(mesh_a, P("data", "model")))
+  with checkpoint.CheckpointManager(tmp_path) as ckpt:
+    ckpt.save(1, {"w": w})
+  target = NamedSharding(mesh_b, P("model", None))
+  with checkpoint.CheckpointManager(tmp_path) as ckpt:
+    restored = ckpt.restore({"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=target)})
+  assert restored.state["w"].sharding == target
+  assert restored.state["w"].addressable_shards[0].data.shape == (2, 16)
+  np.testing.assert_array_equal(restored.state["w"], np.arange(128.0).reshape(8, 16))
