@@ -148,13 +148,22 @@ class CheckpointManager:
     """Starts saving `state` and `data_state` as `step`; returns False if skipped.
 
     A step is skipped when it is not a multiple of save_interval_steps (unless force; this
-    includes the first save, unlike orbax's own interval rule) or is already saved. The call returns once device arrays are copied to host; use wait() to
-    block until the files are final.
+    includes the first save, unlike orbax's own interval rule) or is already saved.
+    A step older than the latest saved one raises ValueError: orbax would drop it
+    silently, e.g. after restoring an older step into a workdir with newer checkpoints.
+    The call returns once device arrays are copied to host; use wait() to block until
+    the files are final.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
       raise ValueError(f"step must be a non-negative int; got {step!r}")
     if not force and step % self.save_interval_steps:
       return False
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      if step in self._manager.all_steps():
+        return False
+      raise ValueError(f"cannot save step {step}: {self.directory} already holds the newer "
+                       f"step {latest}; use a fresh workdir or remove the newer checkpoints")
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(_keys_to_data(state)),
         _DATA: ocp.args.JsonSave(_encode_data_state(data_state)),

@@ -181,8 +181,11 @@ def test_bad_arguments_raise(tmp_path):
       ckpt.restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)})
     with pytest.raises(ValueError, match="step must be a non-negative int"):
       ckpt.save(-1, {"x": jnp.zeros(2)})
-    ckpt.save(1, {"x": jnp.zeros(2)})
+    ckpt.save(2, {"x": jnp.zeros(2)})
     ckpt.wait()
+    assert not ckpt.save(2, {"x": jnp.ones(2)}, force=True)  # already saved: kept as it is
+    with pytest.raises(ValueError, match="cannot save step 1: .* newer step 2"):
+      ckpt.save(1, {"x": jnp.zeros(2)})
     with pytest.raises(ValueError, match="step 5 is not a finalised checkpoint"):
       ckpt.restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)}, step=5)
 
