@@ -122,6 +122,22 @@ def test_fixtures_are_sensitive_to_router_bias_and_norms():
   assert np.abs(np.asarray(fn(unit_norm, tokens)) - base).max() > 100 * TOL
 
 
+@pytest.mark.parametrize("name,change", [
+    ("yarn", dict(yarn_mscale=0.6)),             # HF's cos/sin attention factor becomes 1
+    ("v3", dict(rope_scaling_type="none")),      # YaRN frequencies
+    ("v3", dict(n_group=1, topk_group=1)),       # V3 group-limited routing
+    ("v2", dict(n_group=1, topk_group=1)),       # V2 group-limited greedy
+    ("noq", dict(norm_topk_prob=True)),          # gate normalisation
+])
+def test_fixtures_are_sensitive_to_config(name, change):
+  """Each fixture setting changes HF's logits by far more than TOL, so matching them
+  at TOL means our model implements that setting as HF does."""
+  cfg, params = hf.load_checkpoint(_fixture(name), **change)
+  g = _golden(name)
+  logits = jax.jit(lambda p, t: model.forward(p, t, cfg)[0])(params, jnp.asarray(g["tokens_BxL"]))
+  assert np.abs(np.asarray(logits) - g["logits_BxLxV"]).max() > 100 * TOL
+
+
 # ---------------------------------------------------------------------------- layout
 
 @pytest.mark.parametrize("name", NAMES)
