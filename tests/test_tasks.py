@@ -330,3 +330,19 @@ def test_tfds_builder_stops_on_bad_data(tmp_path):
     tfds_source.prepare_jsonl("bad", "gsm8k", {"train": path}, str(tmp_path / "tfds"))
   with pytest.raises(ValueError, match="a-z0-9_"):
     tfds_source.prepare_jsonl("Bad-Name", "gsm8k", {"train": path}, str(tmp_path / "tfds"))
+
+
+def test_code_rewards_run_the_sandbox():
+  t = base.get_task("code")
+  ex = t.examples("train", 1)[0]
+  assert t.reward("", ex.trace, **ex.reward_kwargs()) == 1.0
+  assert t.is_correct(ex.trace, **ex.reward_kwargs())
+  wrong = _resp("guess", "```python\ndef f(*args):\n  return None\n```")
+  assert t.reward("", wrong, **ex.reward_kwargs()) == 0.0
+  tests = [{"fn": "f", "args": [1], "expected": 2}, {"fn": "f", "args": [2], "expected": 5}]
+  half = _resp("", "```python\ndef f(x):\n  return 2 * x\n```")
+  assert t.reward("", half, tests=tests) == 0.0
+  assert base.get_task("code", partial_credit=True).reward("", half, tests=tests) == 0.5
+  assert not t.is_correct(half, tests=tests)
+  m = base.get_task("mbpp", train_path=os.path.join(FIXTURES, "mbpp_tiny.jsonl"))
+  assert [m.reward("", e.trace, **e.reward_kwargs()) for e in m.examples("train")] == [1.0, 1.0]

@@ -117,14 +117,19 @@ def extract_solution(completion: str) -> str | None:
   return code if code and code.strip() else None
 
 
-def score_code_completion(completion: str, tests: list[dict]) -> tuple[float, bool]:
-  """(reward, all tests passed) for a completion; (0.0, False) when malformed."""
+def score_code_completion(completion: str, tests: list[dict],
+                          partial_credit: bool = False) -> tuple[float, bool]:
+  """(reward, all tests passed) for a completion; (0.0, False) when malformed.
+
+  The reward is 1.0/0.0 (all tests pass or not), or the fraction of tests passed
+  with `partial_credit`.
+  """
   if not tests:
     raise ValueError("a code problem needs at least one test")
   code = extract_solution(completion)
   if code is None:
     return 0.0, False
-  result = _verify_code().score(code, tests)
+  result = _verify_code().score(code, tests, all_or_nothing=not partial_credit)
   return float(result.reward), result.total > 0 and result.passed == result.total
 
 
@@ -138,6 +143,7 @@ class CodeTask(base.Task):
   Args:
     families: which problem families to draw from (keys of FAMILIES).
     num_tests: tests per problem.
+    partial_credit: reward = fraction of tests passed (default: 1.0 only if all pass).
     train_size / test_size / test_fraction / template: as in `ArithmeticTask`;
       the split hash is taken over the problem statement.
   """
@@ -145,7 +151,8 @@ class CodeTask(base.Task):
   name = "code"
 
   def __init__(self, families=tuple(FAMILIES), num_tests: int = NUM_TESTS,
-               train_size: int = 10_000, test_size: int = 500, test_fraction: float = 0.2,
+               partial_credit: bool = False, train_size: int = 10_000, test_size: int = 500,
+               test_fraction: float = 0.2,
                template: str = "compact"):
     super().__init__(template)
     families = tuple(families)
@@ -158,6 +165,7 @@ class CodeTask(base.Task):
       raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     self.families = families
     self.num_tests = int(num_tests)
+    self.partial_credit = bool(partial_credit)
     self.sizes = {"train": int(train_size), "test": int(test_size)}
     self.test_fraction = float(test_fraction)
 
@@ -190,7 +198,7 @@ class CodeTask(base.Task):
   def reward(self, prompt: str, completion: str, *, tests: list[dict], **unused) -> float:
     """`CodeScore.reward` of the sandboxed run; 0.0 for a malformed completion."""
     del prompt, unused
-    return score_code_completion(completion, tests)[0]
+    return score_code_completion(completion, tests, self.partial_credit)[0]
 
   def alphabet(self) -> str:
     chars = self._template_chars() | set(string.printable) - set("\r\x0b\x0c")
