@@ -359,12 +359,12 @@ def _shard_files(path: str) -> list[str]:
   return files
 
 
-def _hf_mtp_layers(names, num_layers: int) -> set[int]:
-  """HF layer indices >= num_hidden_layers present among `names` (MTP modules)."""
+def _hf_layers_from(names, first: int) -> set[int]:
+  """HF layer indices >= `first` among `names` (MTP modules sit after the decoder)."""
   found = set()
   for n in names:
     m = re.match(r"^model\.layers\.(\d+)\.", n)
-    if m and int(m.group(1)) >= num_layers:
+    if m and int(m.group(1)) >= first:
       found.add(int(m.group(1)))
   return found
 
@@ -381,14 +381,18 @@ def load_checkpoint(path: str, **overrides):
   """Reads an HF DeepSeek V2/V3 checkpoint directory; returns (cfg, params).
 
   `overrides` are model config fields applied after config.json (e.g.
-  moe_impl='ragged', param_dtype='bfloat16', mtp_depth=0 to drop the MTP module).
+  moe_impl='ragged', param_dtype='bfloat16', mtp_depth=0 to drop the MTP module:
+  stored MTP modules past the requested depth are skipped with a logged note).
   Tensors stream one at a time from model.safetensors or the shards named in
   model.safetensors.index.json into preallocated stacked numpy arrays of
   cfg.param_dtype, so host memory holds the checkpoint once. params leaves are
   numpy arrays (place them on devices with jax.device_put and the shardings).
   Raises ValueError naming missing, unexpected, duplicated or misshapen tensors.
   """
-  cfg = config_from_hf(read_config(path), **overrides)
+  hf_config = read_config(path)
+  n_mtp_stored = int(hf_config.get("num_nextn_predict_layers",
+                                   hf_config.get("num_mtp_layers", 0)) or 0)
+  cfg = config_from_hf(hf_config, **overrides)
   dtype = _NP_DTYPES[cfg.param_dtype]
   entries = _entries(cfg)
   by_name = {e.name: e for e in entries}
@@ -407,14 +411,15 @@ def load_checkpoint(path: str, **overrides):
       _get(params, e.leaf)
     except KeyError:
       _set(params, e.leaf, np.empty(e.stack + e.shape, dtype=dtype))
-  filled: dict[str, int] = {}
+  filled: set[str] = set()
   unexpected, skipped, dropped_mtp = [], [], []
+  first_unused_layer = cfg.num_hidden_layers + cfg.mtp_depth
 
   def fill(e: _Entry, t: np.ndarray):
     if e.name in filled:
       raise ValueError(f"tensor {e.name!r} appears more than once in the checkpoint")
     _get(params, e.leaf)[e.index] = _to_ours(e, t).astype(dtype, copy=False)
-    filled[e.name] = 1
+    filled.add(e.name)
 
   for fname in _shard_files(path):
     with safe_open(fname, framework="numpy") as f:
@@ -425,7 +430,7 @@ def load_checkpoint(path: str, **overrides):
           skipped.append(name)
         elif (m := _FUSED.match(name)) and m.group(1) in fused:
           _fill_fused(fused[m.group(1)], m.group(2), f.get_tensor(name), fill)
-        elif cfg.mtp_depth == 0 and _hf_mtp_layers([name], cfg.num_hidden_layers):
+        elif n_mtp_stored and _hf_layers_from([name], first_unused_layer):
           dropped_mtp.append(name)
         else:
           unexpected.append(name)
@@ -445,9 +450,9 @@ def load_checkpoint(path: str, **overrides):
     logging.info("Skipped %d tensor(s) that duplicate the shared embedding/head: %s",
                  len(skipped), _few(skipped, 2))
   if dropped_mtp:
-    layers = sorted(_hf_mtp_layers(dropped_mtp, cfg.num_hidden_layers))
-    logging.info("mtp_depth=0: skipped %d tensor(s) of the MTP module(s) at HF layer(s) %s",
-                 len(dropped_mtp), layers)
+    layers = sorted(_hf_layers_from(dropped_mtp, first_unused_layer))
+    logging.info("mtp_depth=%d: skipped %d tensor(s) of the MTP module(s) at HF layer(s) %s",
+                 cfg.mtp_depth, len(dropped_mtp), layers)
   return cfg, params
 
 

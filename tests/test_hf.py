@@ -7,6 +7,7 @@ Run `pytest tests/test_hf.py -s -k parity` to see the measured max errors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -191,8 +192,10 @@ def test_mtp_module_loads_into_params_mtp():
   assert aux["mtp_logits"].shape == (1,) + logits.shape
 
 
-def test_mtp_depth_zero_skips_the_module():
-  cfg0, p0 = hf.load_checkpoint(_fixture("v3"), mtp_depth=0)
+def test_mtp_depth_zero_skips_the_module(caplog):
+  with caplog.at_level(logging.INFO):
+    cfg0, p0 = hf.load_checkpoint(_fixture("v3"), mtp_depth=0)
+  assert "mtp_depth=0: skipped" in caplog.text and "layer(s) [2]" in caplog.text
   _, p1 = hf.load_checkpoint(_fixture("v3"))
   assert cfg0.mtp_depth == 0 and "mtp" not in p0
   p1.pop("mtp")
@@ -292,11 +295,13 @@ def test_missing_tensor_is_named(tmp_path):
     hf.load_checkpoint(path)
 
 
-def test_unexpected_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("extra", ["model.layers.0.self_attn.rotary_emb.inv_freq",
+                                   "model.layers.2.input_layernorm.weight"])  # no MTP in noq
+def test_unexpected_tensor_is_named(extra, tmp_path):
   raw = _read_tensors(_fixture("noq"))
-  raw["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+  raw[extra] = np.ones(4, np.float32)
   path = _write_variant(_fixture("noq"), str(tmp_path / "unexpected"), raw)
-  with pytest.raises(ValueError, match=r"unexpected.*model\.layers\.0\.self_attn\.rotary_emb"):
+  with pytest.raises(ValueError, match="unexpected.*" + extra.replace(".", r"\.")):
     hf.load_checkpoint(path)
 
 
