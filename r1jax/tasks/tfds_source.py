@@ -54,7 +54,7 @@ class R1jaxJsonl(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, name: str, fmt: str, files: Mapping[str, str], **kwargs):
     self._fmt, self._files = fmt, dict(files)
-    self._input_sha = _sha256([self._files[s] for s in sorted(self._files)])
+    self.input_sha256 = _sha256([self._files[s] for s in sorted(self._files)])
     super().__init__(config=tfds.core.BuilderConfig(name=name, description=f"{fmt} JSONL"),
                      **kwargs)
 
@@ -63,7 +63,7 @@ class R1jaxJsonl(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self, description="r1jax examples parsed from JSONL",
         features=tfds.features.FeaturesDict({k: text for k in _STORED}),
-        metadata=tfds.core.MetadataDict(format=self._fmt, input_sha256=self._input_sha),
+        metadata=tfds.core.MetadataDict(format=self._fmt, input_sha256=self.input_sha256),
         disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -106,7 +106,7 @@ def prepare_jsonl(name: str, fmt: str, files: Mapping[str, str], data_dir: str
                        file_format="array_record")
   if builder.is_prepared():
     stored = builder.info.metadata or {}
-    if stored.get("input_sha256") != builder._input_sha or stored.get("format") != fmt:  # pylint: disable=protected-access
+    if stored.get("input_sha256") != builder.input_sha256 or stored.get("format") != fmt:
       raise ValueError(f"{builder.data_dir} was prepared from other files or format; "
                        "delete it or choose another name")
   else:
@@ -132,7 +132,8 @@ class TfdsSource(Sequence):
 
   def __init__(self, records: Sequence[dict], field_map: Mapping[str, str], record_format: str,
                name: str):
-    self._records, self._map, self._format, self._name = records, dict(field_map), record_format, name
+    self._records, self._map = records, dict(field_map)
+    self._format, self._name = record_format, name
 
   def __len__(self) -> int:
     return len(self._records)
