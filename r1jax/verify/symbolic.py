@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import os
+import re
 import select
 import signal
 
@@ -43,6 +44,45 @@ def parse(text: str):
     if not isinstance(item, str):
       return item
   return text
+
+
+_PLAIN_CHARS_RE = re.compile(r'^[0-9a-zA-Z+\-*/^()., ]+$')
+_INNER_FRAC_RE = re.compile(r'\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}')
+_INNER_SQRT_RE = re.compile(r'\\sqrt\s*\{([^{}]*)\}')
+_NAMES = {c: sympy.Symbol(c) for c in 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'}
+_NAMES.update(pi=sympy.pi, sqrt=sympy.sqrt)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_plain(text: str):
+  """Fast parse of plain arithmetic (digits, one-letter symbols, + - * / ^, \\frac, \\sqrt,
+  \\pi, \\cdot, parentheses, commas) with sympy's own parser; None when the text is anything
+  else. Only a whitelisted alphabet reaches sympy's parser (which evaluates code), and every
+  name in it is a one-letter symbol, pi or sqrt."""
+  from sympy.parsing import sympy_parser as sp  # pylint: disable=g-import-not-at-top
+  s = text
+  for pattern, repl in ((_INNER_FRAC_RE, r'((\1)/(\2))'), (_INNER_SQRT_RE, r'sqrt(\1)')):
+    while True:
+      new = pattern.sub(repl, s)
+      if new == s:
+        break
+      s = new
+  s = s.replace('\\pi', ' pi ').replace('\\cdot', '*').replace('\\times', '*')
+  s = s.replace('{', '(').replace('}', ')')
+  if not _PLAIN_CHARS_RE.match(s) or re.search(r'\.(?!\d)', s) or '**' in s or '//' in s:
+    return None
+  if any(len(run) > 1 and run not in ('pi', 'sqrt') for run in re.findall(r'[a-zA-Z]+', s)):
+    return None
+  s = re.sub(r'(\d)\s*(?=[a-zA-Z(])', r'\1*', s)  # 2x -> 2*x (and never 0x10, 1e5, 2j)
+  transformations = sp.standard_transformations + (sp.implicit_multiplication, sp.convert_xor)
+  try:
+    lazy = sp.parse_expr(s, local_dict=dict(_NAMES), transformations=transformations,
+                         evaluate=False)
+    if _too_big(lazy):
+      return lazy
+    return sp.parse_expr(s, local_dict=dict(_NAMES), transformations=transformations)
+  except Exception:  # anything sympy's parser rejects goes to math-verify instead
+    return None
 
 
 def _log10_size(expr) -> float:
@@ -177,7 +217,14 @@ def _unordered_equal(gold_items: list, answer_items: list) -> bool:
 
 
 def symbolic_equal(gold: str, answer: str) -> bool:
-  """Parses both normalised strings and compares them strictly. No deadline of its own."""
+  """Parses both normalised strings and compares them strictly. No deadline of its own.
+
+  Both go through the same parser: parse_plain when both are plain arithmetic, else math-verify.
+  """
+  plain_gold = parse_plain(gold)
+  plain_answer = parse_plain(answer) if plain_gold is not None else None
+  if plain_gold is not None and plain_answer is not None:
+    return equal(plain_gold, plain_answer)
   return equal(parse(gold), parse(answer))
 
 
