@@ -484,7 +484,8 @@ def _fill_fused(group: dict, which: str, t: np.ndarray, fill) -> None:
 
 
 def _hf_tensors(cfg, params):
-  """Yields (hub name, shape, nbytes, make) for every tensor save_checkpoint writes."""
+  """Yields (hub name, nbytes, make) for every tensor save_checkpoint writes; make()
+  converts that one tensor to the hub layout only when its shard is written."""
   zero_bias = {}  # V2 (softmax) checkpoints carry no correction bias: omit an all-zero one.
   for e in _entries(cfg):
     try:
