@@ -129,8 +129,8 @@ class CheckpointManager:
     ckpt.close()
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
-               save_interval_steps: int = 1, async_save: bool = True,
+  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3,
+               save_interval_steps: int = 1, *, async_save: bool = True,
                subdir: str = "checkpoints"):
     if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
       raise ValueError(f"max_to_keep must be a positive int or None; got {max_to_keep!r}")

@@ -87,7 +87,9 @@ class MetricsWriter:
   removed, and TensorBoard is told to purge its events past resume_step, so the curves
   hold each step once. resume_step=None means a fresh run: an existing metrics.jsonl
   (left by a run killed before its first checkpoint) is cleared.
-  Each write() is flushed, so a killed run loses at most the line being written.
+  Each write() is flushed, so a killed run loses at most the line being written. With
+  OneStepLate, flush it and write the pending step before saving a checkpoint, or the
+  checkpoint step's own line is lost on resume.
   """
 
   def __init__(self, workdir: str, *, resume_step: Optional[int] = None,
