@@ -125,9 +125,10 @@ _emit_fd = _os.dup(1)
 _calls = _json.loads(_sys.stdin.read())
 _sys.stdin = _io.StringIO('')
 _NONCE = %(nonce)r
+_dumps, _write, _type = _json.dumps, _os.write, type
 
 def _plain(x, depth=0):
-  t = type(x)
+  t = _type(x)
   if depth > 100:
     raise TypeError('nests too deeply')
   if x is None or t is bool or t is int or t is str:
@@ -143,9 +144,9 @@ def _plain(x, depth=0):
   raise TypeError('unsupported return type ' + t.__name__)
 
 def _emit(i, status, payload):
-  data = (_NONCE + ' ' + str(i) + ' ' + status + ' ' + _json.dumps(payload) + '\n').encode()
+  data = (_NONCE + ' ' + str(i) + ' ' + status + ' ' + _dumps(payload) + '\n').encode()
   while data:
-    data = data[_os.write(_emit_fd, data):]
+    data = data[_write(_emit_fd, data):]
 
 _ns = {'__name__': 'solution', '__builtins__': __builtins__}
 exec(compile(%(source)r, 'solution.py', 'exec'), _ns)
