@@ -49,7 +49,7 @@ _SERVER_GRACE_S = 1.0  # how long past the deadline the client waits for the ser
 _BOX_RE = re.compile(r'\\(?:boxed|fbox)\s*')
 _ANSWER_TAG_RE = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
 _GSM8K_RE = re.compile(r'^\s*####\s*(.+?)\s*$', re.MULTILINE)
-_ANSWER_IS_RE = re.compile(r'the\s+(?:final\s+)?answer\s+is\s*:?\s*(.+)', re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(r'the\s+(?:final\s+)?answer\s+is\s*:?', re.IGNORECASE)
 
 
 def _boxed_contents(text: str) -> list[str]:
@@ -91,9 +91,10 @@ def extract_answer(text: str) -> str | None:
   gsm = _GSM8K_RE.findall(region)
   if gsm:
     return gsm[-1].strip() or None
-  said = _ANSWER_IS_RE.findall(region)
+  said = list(_ANSWER_IS_RE.finditer(region))
   if said:
-    answer = said[-1].split('\n')[0].strip()
+    answer = region[said[-1].end():].split('\n')[0]
+    answer = re.split(r'\.\s', answer + ' ')[0].strip()
     answer = re.sub(r'(\.|\*\*)+\s*$', '', answer).strip().strip('*').strip()
     answer = re.sub(r'^\$+|\$+$', '', answer).strip()
     return answer or None
