@@ -14,7 +14,7 @@ Design (a fork server, so a run costs a few milliseconds instead of a fresh inte
   `_sandbox_server.py`, which pre-imports the standard library and serves one request at a time.
 * Per request the server forks a child that enters a new mount and pid namespace with its own
   size-limited tmpfs /tmp. Its pid 1 forks the runner, which switches to a non-root uid (one per
-  server slot, when the host is root), enters a new user namespace (uid 65534 inside), drops all
+  process and server slot, see sandbox_uid, when the host is root), enters a new user namespace (uid 65534 inside), drops all
   capabilities, sets no_new_privs and rlimits (address space, CPU, file size, open files,
   processes, no core dumps), and then exec()s the source with its own stdin/stdout/stderr pipes.
 * The server reads stdout and stderr concurrently (select) with byte caps, feeds stdin, and at the
@@ -59,7 +59,20 @@ import threading
 import time
 
 _SERVER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_sandbox_server.py')
-_BASE_UID = 61000  # slot k runs untrusted code as host uid _BASE_UID + k (when the host is root)
+_SERVER_IN_SANDBOX = '/opt/r1jax/sandbox_server.py'
+_BASE_UID = 200_000  # see sandbox_uid
+_SLOTS_PER_PROCESS = 64
+
+
+def sandbox_uid(slot: int) -> int:
+  """Host uid of server slot `slot` of this process (when the host is root).
+
+  Every (process, slot) gets its own unprivileged uid, so RLIMIT_NPROC of one run never counts
+  the processes of a concurrent run, and leftovers are easy to find by uid.
+  """
+  if not 0 <= slot < _SLOTS_PER_PROCESS:
+    raise ValueError(f'slot must be in [0, {_SLOTS_PER_PROCESS}), got {slot}')
+  return _BASE_UID + (os.getpid() % 4096) * _SLOTS_PER_PROCESS + slot
 _HOST_GRACE_S = 10.0  # extra seconds the host waits for a server before killing it
 
 
@@ -116,8 +129,12 @@ def _bind_args() -> list[str]:
       args += ['--ro-bind', path, path]
   args += ['--ro-bind-try', '/etc/ld.so.cache', '/etc/ld.so.cache']
   prefix = os.path.realpath(sys.base_prefix)
-  if not prefix.startswith('/usr'):
+  if not prefix.startswith('/usr/'):
+    parts = prefix.strip('/').split('/')
+    for i in range(1, len(parts)):  # parents bwrap would otherwise create with mode 0700
+      args += ['--perms', '0755', '--dir', '/' + '/'.join(parts[:i])]
     args += ['--ro-bind', prefix, prefix]
+  args += ['--ro-bind', _SERVER_PATH, _SERVER_IN_SANDBOX]
   return args
 
 
@@ -133,8 +150,6 @@ def bwrap_command(python: str | None = None) -> list[str]:
   for cap in ('CAP_SYS_ADMIN', 'CAP_SETUID', 'CAP_SETGID'):
     caps += ['--cap-add', cap]
   user = [] if os.geteuid() == 0 else ['--unshare-user', '--uid', '0', '--gid', '0']
-  with open(_SERVER_PATH, encoding='utf-8') as f:
-    server_src = f.read()
   return [
       bwrap, *user, '--unshare-pid', '--unshare-net', '--unshare-ipc', '--unshare-uts',
       '--unshare-cgroup-try', '--die-with-parent', '--new-session', '--clearenv',
@@ -142,7 +157,7 @@ def bwrap_command(python: str | None = None) -> list[str]:
       '--setenv', 'HOME', '/tmp', '--setenv', 'PYTHONDONTWRITEBYTECODE', '1',
       *_bind_args(), '--tmpfs', '/tmp', '--proc', '/proc', '--dev', '/dev',
       '--hostname', 'sandbox', '--chdir', '/tmp', *caps,
-      python, '-I', '-S', '-c', server_src,
+      python, '-I', '-S', _SERVER_IN_SANDBOX,
   ]
 
 
@@ -213,8 +228,8 @@ class SandboxPool:
   """A fixed set of fork servers shared by threads; `run` blocks until a server is free."""
 
   def __init__(self, num_servers: int = 2):
-    if num_servers < 1:
-      raise ValueError(f'num_servers must be >= 1, got {num_servers}')
+    if not 1 <= num_servers <= _SLOTS_PER_PROCESS:
+      raise ValueError(f'num_servers must be in [1, {_SLOTS_PER_PROCESS}], got {num_servers}')
     self._idle: queue.Queue[_Server] = queue.Queue()
     self._all = [_Server(slot) for slot in range(num_servers)]
     for server in self._all:
@@ -233,7 +248,7 @@ class SandboxPool:
           'tmp_mb': limits.tmp_mb,
           'nofile': limits.nofile,
           'nproc': limits.nproc,
-          'uid': _BASE_UID + server.slot if os.geteuid() == 0 else 0,
+          'uid': sandbox_uid(server.slot) if os.geteuid() == 0 else 0,
       }
       stdin_b = stdin.encode('utf-8') if isinstance(stdin, str) else bytes(stdin)
       header, out, err = server.run(code.encode('utf-8', 'surrogatepass'), stdin_b, req)

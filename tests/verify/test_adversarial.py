@@ -41,7 +41,7 @@ def _sandbox_uid_processes() -> list[int]:
         for line in f:
           if line.startswith('Uid:'):
             uid = int(line.split()[1])
-            if sandbox._BASE_UID <= uid < sandbox._BASE_UID + 64:
+            if sandbox.sandbox_uid(0) <= uid <= sandbox.sandbox_uid(63):
               found.append(int(entry))
             break
     except OSError:
