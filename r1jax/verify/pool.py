@@ -126,8 +126,11 @@ class _Worker:
     self.in_fd = self.proc.stdin.fileno()
     self.out_fd = self.proc.stdout.fileno()
     data = memoryview(struct.pack('>I', len(reward_blob)) + reward_blob)
-    while data:
-      data = data[os.write(self.in_fd, data):]
+    try:
+      while data:
+        data = data[os.write(self.in_fd, data):]
+    except OSError:  # died at start-up: its stdout reaches EOF and the dispatcher replaces it
+      pass
     self.ready = False
     self.task = None  # (job, index, deadline)
     self.failed = None  # reason, when the current item could not even be sent
