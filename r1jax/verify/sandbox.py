@@ -147,7 +147,9 @@ def bwrap_command(python: str | None = None) -> list[str]:
         'allow_unsafe=True to run untrusted code WITHOUT isolation.')
   python = python or os.path.realpath(sys.executable)
   caps = []
-  for cap in ('CAP_SYS_ADMIN', 'CAP_SETUID', 'CAP_SETGID'):
+  # CAP_SETFCAP: without root on the host, the runner's user namespace maps the server's uid 0,
+  # which the kernel (>= 5.12) allows only to holders of CAP_SETFCAP.
+  for cap in ('CAP_SYS_ADMIN', 'CAP_SETUID', 'CAP_SETGID', 'CAP_SETFCAP'):
     caps += ['--cap-add', cap]
   user = [] if os.geteuid() == 0 else ['--unshare-user', '--uid', '0', '--gid', '0']
   return [
