@@ -31,12 +31,29 @@ from sympy.core.relational import Relational
 from r1jax.verify import frames
 
 _MAX_DIGITS = 10_000  # refuse expressions whose integers would exceed this many digits
+# The grading table (tests/verify/test_math.py) was checked against these parser versions; pin
+# them (tests/constraints.txt) so verdicts do not drift silently between environments.
+TESTED_VERSIONS = {'math-verify': '0.9.0', 'latex2sympy2_extended': '1.11.0'}
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untested_versions() -> None:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  for name, tested in TESTED_VERSIONS.items():
+    try:
+      found = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      continue
+    if found != tested:
+      logging.getLogger(__name__).warning(
+          '%s %s is installed; the math verdicts were checked with %s', name, found, tested)
 
 
 @functools.lru_cache(maxsize=4096)
 def parse(text: str):
   """math-verify parse of one answer string; returns a sympy object, or the string on failure."""
   import math_verify  # imported lazily: costs ~0.4 s
+  _warn_untested_versions()
   logging.getLogger('math_verify').setLevel(logging.ERROR)  # it warns that we time out ourselves
   config = [math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig()]
   parsed = math_verify.parse(f'${text}$', extraction_config=config, parsing_timeout=None)
