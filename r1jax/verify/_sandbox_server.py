@@ -4,7 +4,8 @@ It is executed by the sandbox's own interpreter (`python -I -S <this file>`), ne
 host, so it depends on the standard library only. `sandbox.py` documents the design; in short, per
 request:
 
-  server (root inside the outer sandbox, CAP_SYS_ADMIN/SETUID/SETGID only, one request at a time)
+  server (root inside the outer sandbox, CAP_SYS_ADMIN/SETUID/SETGID/SETFCAP only, one request
+          at a time)
     -> holder: unshare(CLONE_NEWNS | CLONE_NEWPID), private tmpfs on /tmp
        -> init (pid 1 of the new pid namespace): fresh /proc, waits for the runner
           -> runner: setuid(non-root), new user namespace, no capabilities, no_new_privs,

@@ -14,8 +14,8 @@ Design (a fork server, so a run costs a few milliseconds instead of a fresh inte
   `_sandbox_server.py`, which pre-imports the standard library and serves one request at a time.
 * Per request the server forks a child that enters a new mount and pid namespace with its own
   size-limited tmpfs /tmp. Its pid 1 forks the runner, which switches to a non-root uid (one per
-  process and server slot, see sandbox_uid, when the host is root), enters a new user namespace (uid 65534 inside), drops all
-  capabilities, sets no_new_privs and rlimits (address space, CPU, file size, open files,
+  process and server slot, see sandbox_uid, when the host is root), enters a new user namespace
+  (uid 65534 inside), drops all capabilities, sets no_new_privs and rlimits (address space, CPU, file size, open files,
   processes, no core dumps), and then exec()s the source with its own stdin/stdout/stderr pipes.
 * The server reads stdout and stderr concurrently (select) with byte caps, feeds stdin, and at the
   wall-clock deadline SIGKILLs the request's pid 1: the kernel then kills every process in that pid
@@ -35,8 +35,13 @@ Does NOT protect against: kernel exploits (there is no seccomp filter; namespace
 kernel), reading the world-readable system files that are bound in (/usr, the Python install),
 CPU-time side channels, or aggregate memory above memory_mb x nproc when a program forks many
 memory-hungry children (no cgroup memory limit). Processes of concurrent requests in different
-server slots compete for the same CPUs. It is a research-grade sandbox, not a security boundary
-for adversaries who target the kernel.
+server slots compete for the same CPUs. When the host user is not root, untrusted code runs under
+that user's host uid (inside its own user namespace), so RLIMIT_NPROC counts all of that user's
+processes. It is a research-grade sandbox, not a security boundary for adversaries who target the
+kernel.
+
+Programs see the standard library only (no site-packages), a run's own request (source, stdin,
+limits) and the server's source; expected outputs are never sent in (see r1jax.verify.code).
 
 Where bubblewrap or namespaces are unavailable, `run_python` raises SandboxUnavailableError unless
 the caller passes `allow_unsafe=True` (or sets R1JAX_ALLOW_UNSAFE_EXEC=1), which runs the code in a
