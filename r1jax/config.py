@@ -139,3 +139,25 @@ def num_moe_layers(cfg) -> int:
 
 def qk_head_dim(cfg) -> int:
   return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a `get_config` argument like "variant=tiny,steps=10" (big_vision style).
+
+  Values take the type of the default given for that key; unknown keys raise.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key!r} expects a bool, got {value!r}")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = kind(value)
+  return out

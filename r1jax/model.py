@@ -147,6 +147,7 @@ def positions_from_segments(segment_ids_BxL):
 def _cast(params, cfg):
   dtype = _DTYPES[cfg.dtype]
   def cast(path, x):
+    x = jnp.asarray(x)   # numpy params (e.g. from hf.load_checkpoint) must index with tracers
     in_router = any(getattr(p, "key", None) == "router" for p in path)
     return x if in_router or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
   return jax.tree_util.tree_map_with_path(cast, params)
@@ -171,13 +172,14 @@ def output_head(params, cfg):
 
 
 def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, compute_logits: bool = True):
   """Logits [B, L, V] (float32) and aux.
 
   aux: 'tokens_per_expert' [M, E] (valid tokens only), 'balance_loss' (mean over MoE
   layers of the sequence-wise loss, without alpha), 'mtp_logits' [mtp_depth, B, L, V] when
   mtp_depth > 0 (module k at position i predicts token i+k+1), and 'hidden' (the
-  final-normed hidden state [B, L, D]) when return_hidden.
+  final-normed hidden state [B, L, D]) when return_hidden. compute_logits=False returns None
+  for the logits (callers that project the hidden state in chunks, e.g. GRPO's log-probs).
   segment_ids: 0 marks padding; equal ids attend to each other causally. When positions is
   None they restart at every segment.
   """
@@ -199,7 +201,7 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
     aux["balance_loss"] = jnp.mean(stats["balance_loss"])
   else:
     aux["balance_loss"] = jnp.zeros((), jnp.float32)
-  logits = _head(p, h, p["final_norm"], cfg)
+  logits = _head(p, h, p["final_norm"], cfg) if compute_logits else None
   if return_hidden:
     aux["hidden"] = rms_norm(h, p["final_norm"], cfg.rms_norm_eps)
   if cfg.mtp_depth > 0:

@@ -15,6 +15,7 @@ needs to turn a fixed-length row of generated ids back into a completion.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 PAD_ID = 0
@@ -101,43 +102,69 @@ class ByteTokenizer(Tokenizer):
 
 
 class CharTokenizer(Tokenizer):
-  """One id per character of `alphabet` (ids 3.. in the alphabet's order).
+  """One id per character of `alphabet`, plus optional multi-character `words`.
 
-  The alphabet must be non-empty and free of duplicates; order matters (it fixes
-  the ids), so build it with `sorted(set(...))` when it comes from data.
+  Ids: the specials, then `words` (ids 3..), then the alphabet's characters. Encoding
+  matches the longest word first at each position, else one character, so fixed strings
+  such as the R1 tags (<think>, </answer>, ...) cost one token each: a tiny model's
+  sequences get much shorter. The alphabet must be non-empty and free of duplicates; order
+  matters (it fixes the ids), so build it with `sorted(set(...))` when it comes from data.
   """
 
-  def __init__(self, alphabet: str):
+  def __init__(self, alphabet: str, words: Iterable[str] = ()):
     if not isinstance(alphabet, str) or not alphabet:
       raise ValueError("CharTokenizer needs a non-empty alphabet string")
     if len(set(alphabet)) != len(alphabet):
       dupes = sorted({c for c in alphabet if alphabet.count(c) > 1})
       raise ValueError(f"alphabet has duplicate characters: {dupes!r}")
+    words = tuple(words)
+    if len(set(words)) != len(words) or any(len(w) < 2 for w in words):
+      raise ValueError(f"words must be distinct strings of 2+ characters, got {words!r}")
+    for w in words:
+      missing = sorted(set(w) - set(alphabet))
+      if missing:
+        raise ValueError(f"word {w!r} uses characters outside the alphabet: {missing!r}")
     self.alphabet = alphabet
-    self._to_id = {c: i + NUM_SPECIAL for i, c in enumerate(alphabet)}
+    self.words = words
+    self._symbols = list(words) + list(alphabet)
+    self._to_id = {c: i + NUM_SPECIAL for i, c in enumerate(self._symbols)}
+    self._by_length = sorted(words, key=len, reverse=True)
 
   @property
   def vocab_size(self) -> int:
-    return NUM_SPECIAL + len(self.alphabet)
+    return NUM_SPECIAL + len(self._symbols)
 
   def _encode_symbols(self, text: str) -> list[int]:
     ids = []
-    for pos, c in enumerate(text):
-      i = self._to_id.get(c)
-      if i is None:
-        raise ValueError(
-            f"character {c!r} at position {pos} is not in the tokenizer alphabet "
-            f"({len(self.alphabet)} chars); text starts {text[:40]!r}")
-      ids.append(i)
+    pos = 0
+    while pos < len(text):
+      for w in self._by_length:
+        if text.startswith(w, pos):
+          ids.append(self._to_id[w])
+          pos += len(w)
+          break
+      else:
+        c = text[pos]
+        i = self._to_id.get(c)
+        if i is None:
+          raise ValueError(
+              f"character {c!r} at position {pos} is not in the tokenizer alphabet "
+              f"({len(self.alphabet)} chars); text starts {text[:40]!r}")
+        ids.append(i)
+        pos += 1
     return ids
 
   def _decode_symbols(self, ids: list[int]) -> str:
-    return "".join(self.alphabet[i - NUM_SPECIAL] for i in ids)
+    return "".join(self._symbols[i - NUM_SPECIAL] for i in ids)
 
   def spec(self) -> str:
-    return "char:" + self.alphabet
+    if not self.words:
+      return "char:" + self.alphabet
+    return "charw:" + json.dumps([list(self.words), self.alphabet])
 
   def __repr__(self) -> str:
+    if self.words:
+      return f"CharTokenizer({self.alphabet!r}, words={self.words!r})"
     return f"CharTokenizer({self.alphabet!r})"
 
 
@@ -156,6 +183,9 @@ def make_tokenizer(kind: str = "byte", *, alphabet: str | None = None,
       return ByteTokenizer()
     if spec.startswith("char:"):
       return CharTokenizer(spec[len("char:"):])
+    if spec.startswith("charw:"):
+      words, alphabet = json.loads(spec[len("charw:"):])
+      return CharTokenizer(alphabet, words)
     raise ValueError(f"unknown tokenizer spec {spec[:20]!r}: expected 'byte' or 'char:<alphabet>'")
   if kind == "byte":
     if alphabet is not None:
@@ -168,21 +198,30 @@ def make_tokenizer(kind: str = "byte", *, alphabet: str | None = None,
   raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
 
 
+def task_words(task) -> tuple[str, ...]:
+  """Fixed strings worth one token each: the R1 tags and the template's literal parts."""
+  from r1jax.tasks import base
+  parts = [p for p in task.template.split("{question}") if len(p) >= 2]
+  return tuple(dict.fromkeys(list(base._TAGS) + parts))
+
+
 def for_task(task, kind: str = "auto") -> Tokenizer:
   """The tokenizer for a task: its character alphabet when it has one, else bytes.
 
   Args:
     task: an `r1jax.tasks.base.Task`; `task.alphabet()` returns a string or None.
-    kind: 'auto' (char when the task has an alphabet), 'char' (requires one) or 'byte'.
+    kind: 'auto' (char when the task has an alphabet), 'char' (requires one), 'byte', or
+      'char+words' (char, with the R1 tags and template parts as single tokens).
   """
   if kind == "byte":
     return ByteTokenizer()
   alphabet = task.alphabet()
-  if kind == "char":
+  if kind in ("char", "char+words"):
     if alphabet is None:
       raise ValueError(f"task {task.name!r} has open-ended text and no fixed alphabet; "
                        "use the byte tokenizer")
-    return CharTokenizer(alphabet)
+    return CharTokenizer(alphabet, task_words(task) if kind == "char+words" else ())
   if kind == "auto":
     return CharTokenizer(alphabet) if alphabet is not None else ByteTokenizer()
-  raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'auto', 'char' or 'byte'")
+  raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'auto', 'char', 'char+words' "
+                   "or 'byte'")

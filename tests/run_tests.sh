@@ -10,7 +10,7 @@ fi
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c tests/constraints.txt -e '.[test]'
+.venv/bin/python -m pip install -q -c tests/constraints.txt -e '.[test,tfds,parity]'
 set +e
 .venv/bin/python -m pytest -n 2 --dist loadfile -q tests "$@"
 rc=$?

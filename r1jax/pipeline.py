@@ -1,0 +1,213 @@
+"""The miniature R1 recipe end to end: cold-start SFT, eval, GRPO, eval, and an SFT control.
+
+  1. cold start: SFT on a LIMITED set of traces (`sft.num_traces`, R1 used thousands);
+  2. held-out accuracy of that model (`accuracy_before_grpo`);
+  3. GRPO from it on fresh problems that carry only a verifiable answer (no traces);
+  4. control arm: the same cold-start model trained by more SFT on the same traces for the
+     same wall-clock time GRPO took; both evaluated on the same held-out problems.
+Every stage checkpoints and records its result in workdir/stages.json, so a killed run
+restarts where it stopped. The end writes summary.json and pipeline.png.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import jax
+
+from r1jax import evaluate as eval_lib
+from r1jax import metrics as metrics_lib
+from r1jax import model as model_lib
+from r1jax import presets, rl, sft
+from r1jax import tokenizer as tokenizer_lib
+from r1jax.tasks import base as task_base
+
+STAGES_FILE = "stages.json"
+
+
+def build(cfg):
+  """(task, tokenizer, model_cfg) from an experiment config; the vocab follows the tokenizer."""
+  task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
+  model_cfg = copy.deepcopy(cfg.model)
+  model_cfg.vocab_size = tokenizer.vocab_size
+  from r1jax import config as config_lib
+  config_lib.validate_model_config(model_cfg)
+  return task, tokenizer, model_cfg
+
+
+def trace_task(cfg):
+  """The task the cold-start traces come from (task kwargs + task.trace_overrides)."""
+  kwargs = {**cfg.task.kwargs.to_dict(), **cfg.task.trace_overrides.to_dict()}
+  return task_base.get_task(cfg.task.name, **kwargs)
+
+
+def _load_stages(workdir):
+  path = os.path.join(workdir, STAGES_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def _save_stages(workdir, stages):
+  path = os.path.join(workdir, STAGES_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(stages, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg):
+  if key not in stages:
+    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg)
+    _save_stages(workdir, stages)
+  r = stages[key]
+  print(f"[{key}] held-out pass@1 {r['pass@1']:.3f}  format {r['format_rate']:.3f}")
+  return r
+
+
+def run(cfg, workdir: str) -> dict:
+  """`pipeline` mode (see the module docstring)."""
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  task, tokenizer, model_cfg = build(cfg)
+  stages = _load_stages(workdir)
+  stages.setdefault("wall_time_before_s", 0.0)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  counts = model_lib.count_params(model_cfg)
+  print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
+        f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
+
+  params0 = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
+  traces = trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  # -------------------------------------------------------------------- 1. cold start
+  params_sft, sft_info = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer,
+                                   params=params0, examples=traces, seed=cfg.seed, name="sft")
+  stages["sft"] = sft_info
+  _save_stages(workdir, stages)
+  before = _evaluate(stages, "eval_sft", workdir, params_sft, model_cfg, task, tokenizer, cfg.eval)
+  # -------------------------------------------------------------------- 2. GRPO
+  params_grpo, grpo_info = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer,
+                                    params=params_sft, task_name=cfg.task.name,
+                                    task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed)
+  grpo_time = grpo_info["sample_s"] + grpo_info["verify_s"] + grpo_info["train_s"]
+  stages["grpo"] = grpo_info
+  _save_stages(workdir, stages)
+  after = _evaluate(stages, "eval_grpo", workdir, params_grpo, model_cfg, task, tokenizer, cfg.eval)
+  # -------------------------------------------------------------------- 3. SFT control
+  control = None
+  if cfg.control:
+    per_step = sft_info["train_time_s"] / max(sft_info["steps"], 1)
+    steps = max(1, math.ceil(1.5 * grpo_time / max(per_step, 1e-6)))
+    params_ctrl, ctrl_info = sft.train(model_cfg, cfg.sft, workdir, task=task,
+                                       tokenizer=tokenizer, params=params_sft, examples=traces,
+                                       seed=cfg.seed + 1, steps=steps, time_budget_s=grpo_time,
+                                       name="sft_control")
+    stages["sft_control"] = ctrl_info
+    _save_stages(workdir, stages)
+    control = _evaluate(stages, "eval_sft_control", workdir, params_ctrl, model_cfg, task,
+                        tokenizer, cfg.eval)
+  # -------------------------------------------------------------------- summary
+  wall = stages["wall_time_before_s"] + (time.time() - t_start)
+  summary = {
+      "task": cfg.task.name, "seed": cfg.seed, "num_traces": cfg.sft.num_traces,
+      "params_total": counts["total"], "params_activated": counts["activated"],
+      "accuracy_before_grpo": before["pass@1"], "accuracy_after_grpo": after["pass@1"],
+      "accuracy_sft_control": control["pass@1"] if control else None,
+      "grpo_lift": after["pass@1"] - before["pass@1"],
+      "grpo_minus_control": (after["pass@1"] - control["pass@1"]) if control else None,
+      "format_rate_after_grpo": after["format_rate"],
+      "grpo_time_s": grpo_time, "grpo_time_split_s": {k: grpo_info[k] for k in
+                                                      ("sample_s", "verify_s", "train_s")},
+      "sft_time_s": sft_info["train_time_s"],
+      "sft_control_time_s": stages.get("sft_control", {}).get("train_time_s"),
+      "sft_control_steps": stages.get("sft_control", {}).get("steps"),
+      "wall_time_s": wall,
+  }
+  stages["wall_time_before_s"] = wall
+  _save_stages(workdir, stages)
+  metrics_lib.write_summary(workdir, summary)
+  plot(workdir, summary)
+  print(json.dumps(summary, indent=2))
+  return summary
+
+
+def plot(workdir: str, summary: dict) -> str:
+  """pipeline.png: SFT loss (cold start + control), GRPO reward, held-out accuracies."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(15, 4), dpi=100)
+  FigureCanvasAgg(fig)
+  ax1, ax2, ax3 = fig.subplots(1, 3)
+  for name, label in (("sft", "cold-start SFT"), ("sft_control", "SFT control")):
+    recs = metrics_lib.read_metrics(os.path.join(workdir, name)) if os.path.exists(
+        os.path.join(workdir, name, metrics_lib.METRICS_FILE)) else []
+    pts = [(r["elapsed_s"], r["nll"]) for r in recs if r.get("nll") is not None]
+    if name == "sft_control" and pts:
+      offset = summary["sft_time_s"]
+      pts = [(t + offset, v) for t, v in pts]
+    if pts:
+      ax1.plot(*zip(*pts), label=label)
+  ax1.set_xlabel("training seconds")
+  ax1.set_ylabel("response NLL / token")
+  ax1.set_yscale("log")
+  ax1.legend()
+  recs = metrics_lib.read_metrics(os.path.join(workdir, "grpo"))
+  for key in ("reward_mean", "format_rate"):
+    pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+    if pts:
+      ax2.plot(*zip(*pts), label=key)
+  ax2.set_xlabel("GRPO step")
+  ax2.legend()
+  names = ["SFT (cold start)", "+ GRPO", "+ more SFT\n(control)"]
+  vals = [summary["accuracy_before_grpo"], summary["accuracy_after_grpo"],
+          summary["accuracy_sft_control"] or 0.0]
+  ax3.bar(names, vals, color=["tab:gray", "tab:green", "tab:orange"])
+  for i, v in enumerate(vals):
+    ax3.text(i, v + 0.01, f"{v:.2f}", ha="center")
+  ax3.set_ylim(0, 1.05)
+  ax3.set_ylabel("held-out accuracy")
+  fig.tight_layout()
+  out = os.path.join(workdir, "pipeline.png")
+  fig.savefig(out)
+  return out
+
+
+def latest_params(cfg, workdir: str, model_cfg):
+  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
+  from r1jax import checkpoint as ckpt_lib
+  from r1jax import optim
+  params = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.key(0))
+  for name, ocfg, extra in (("grpo", cfg.grpo.optimizer, ("ref_params",)),
+                            ("sft", cfg.sft.optimizer, ())):
+    run_dir = os.path.join(workdir, name)
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+      continue
+    opt = optim.make_optimizer(ocfg, 1)
+    abstract = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
+                "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
+    for k in extra:
+      abstract[k] = params
+    with ckpt_lib.CheckpointManager(run_dir) as manager:
+      if manager.latest_step() is None:
+        continue
+      restored = manager.restore(abstract)
+      print(f"loaded {name} checkpoint at step {restored.step} from {run_dir}")
+      return restored.state["params"]
+  raise ValueError(f"no sft or grpo checkpoint found under {workdir}")
+
+
+def run_grpo_only(cfg, workdir: str):
+  """`grpo` mode: GRPO from workdir's SFT checkpoint, or from random init (R1-Zero)."""
+  task, tokenizer, model_cfg = build(cfg)
+  try:
+    params = latest_params(cfg, workdir, model_cfg)
+  except ValueError:
+    print("no SFT checkpoint in workdir: starting from random init (R1-Zero)")
+    params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
+  return rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
+                  task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed)

@@ -1,0 +1,365 @@
+"""GRPO, written top to bottom (DeepSeekMath section 4.1; DeepSeek-R1 section 2.2).
+
+One step:
+  1. take B prompts from the grain iterator and sample G completions each with the sampler
+     (its log-probs are pi_old, the policy that sampled);
+  2. score them with the task's verifiable reward (in-process, or in a VerifierPool whose
+     work overlaps the reference model's forward pass);
+  3. group-normalised advantages; optionally drop groups whose rewards are all equal and
+     refill from new prompts (DAPO's dynamic sampling);
+  4. mu epochs over `minibatches` minibatches of the clipped policy loss (grpo.py), AdamW with
+     warmup + cosine and global-norm clipping;
+  5. the router's correction biases follow the observed expert loads (aux-loss-free).
+A frozen reference model anchors the KL term (beta > 0), optionally reset to the policy
+every `ref_reset_every` steps. Departures from the paper: rewards are whatever the task
+defines (binary accuracy for the built-in tasks, no separate format reward unless configured)
+and the MTP modules are not trained during RL.
+
+Every random draw derives from (seed, step), so a run killed at any point and resumed from
+its latest checkpoint ends with exactly the parameters and metrics of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from r1jax import checkpoint as ckpt_lib
+from r1jax import data as data_lib
+from r1jax import evaluate as eval_lib
+from r1jax import grpo, optim, sampler
+from r1jax import metrics as metrics_lib
+from r1jax import model as model_lib
+from r1jax.sft import check_finite
+from r1jax.tasks import base as task_base
+from r1jax.tasks import remote
+
+# ============================================================================ config
+
+
+def grpo_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 100
+  c.prompts_per_step = 32      # B, distinct prompts per step
+  c.G = 8                      # group size: completions per prompt
+  c.temperature = 1.0          # sampling temperature for rollouts
+  c.top_p = 1.0
+  c.top_k = 0
+  c.max_prompt_len = 32
+  c.max_new_tokens = 64
+  c.mu = 1                     # update epochs over each batch (1 = on-policy)
+  c.minibatches = 1            # gradient steps per epoch
+  c.loss = "grpo"              # 'grpo' | 'dapo' | 'dr_grpo' | 'gspo' (grpo.POLICY_LOSSES)
+  c.epsilon_low = 0.2          # clip range below 1 (epsilon)
+  c.epsilon_high = 0.2         # clip range above 1 (DAPO's clip-higher: 0.28)
+  c.beta = 0.0                 # KL weight to the reference policy (beta)
+  c.kl = "k3"                  # KL estimator: k1 | k2 | k3
+  c.adv_scale = "group"        # 'group' (GRPO) | 'batch' | 'none' (Dr. GRPO)
+  c.dynamic_sampling = False   # drop all-equal groups and refill (DAPO)
+  c.max_refills = 2            # extra prompt batches per step for dynamic sampling
+  c.ref_reset_every = 0        # copy the policy into the reference every N steps (0 = never)
+  c.logprob_chunk = 2048       # tokens per chunk for log-probs (never [B, L, V] logits)
+  c.reward_workers = 0         # 0 = score in-process; > 0 = VerifierPool processes
+  c.reward_timeout_s = 10.0    # per-item deadline in the pool
+  c.checkpoint_every = 25
+  c.max_to_keep = 2
+  c.optimizer = optim.optimizer_defaults()
+  c.optimizer.lr = 3e-5
+  c.optimizer.warmup_steps = 5
+  c.optimizer.weight_decay = 0.0
+  return c
+
+
+def validate(gcfg) -> None:
+  for field in ("steps", "prompts_per_step", "G", "max_new_tokens", "mu", "minibatches",
+                "max_prompt_len", "logprob_chunk", "checkpoint_every"):
+    if gcfg[field] < 1:
+      raise ValueError(f"grpo config field {field!r} must be >= 1, got {gcfg[field]}")
+  if gcfg.G < 2:
+    raise ValueError(f"grpo config field 'G' must be >= 2 (advantages compare within a group)")
+  if (gcfg.prompts_per_step * gcfg.G) % gcfg.minibatches:
+    raise ValueError("grpo config field 'minibatches' must divide prompts_per_step * G "
+                     f"({gcfg.prompts_per_step * gcfg.G})")
+  if gcfg.loss not in grpo.POLICY_LOSSES:
+    raise ValueError(f"grpo config field 'loss' must be one of {sorted(grpo.POLICY_LOSSES)}")
+  if gcfg.adv_scale not in grpo.ADVANTAGE_SCALES:
+    raise ValueError(f"grpo config field 'adv_scale' must be one of {grpo.ADVANTAGE_SCALES}")
+  if gcfg.kl not in ("k1", "k2", "k3"):
+    raise ValueError(f"grpo config field 'kl' must be k1, k2 or k3, got {gcfg.kl!r}")
+  if gcfg.temperature <= 0:
+    raise ValueError("grpo config field 'temperature' must be > 0 (GRPO samples)")
+  if gcfg.beta < 0:
+    raise ValueError(f"grpo config field 'beta' must be >= 0, got {gcfg.beta}")
+
+
+# ============================================================================ jitted pieces
+
+
+def _train_cfg(model_cfg):
+  cfg = copy.deepcopy(model_cfg)
+  cfg.mtp_depth = 0  # MTP is a pre-training objective; RL trains the main head only
+  return cfg
+
+
+def _token_logprobs(params, tokens_BxW, cfg, chunk):
+  """log pi(token_{t+1} | tokens_<=t) for t < W-1, entropies, and expert loads."""
+  _, aux = model_lib.forward(params, tokens_BxW, cfg, return_hidden=True, compute_logits=False)
+  logp, ent = grpo.token_logprobs_and_entropy(
+      aux["hidden"][:, :-1], model_lib.output_head(params, cfg), tokens_BxW[:, 1:],
+      chunk_size=chunk)
+  return logp, ent, aux.get("tokens_per_expert")
+
+
+def make_ref_logprobs(model_cfg, gcfg):
+  cfg = _train_cfg(model_cfg)
+  return jax.jit(lambda p, t: _token_logprobs(p, t, cfg, gcfg.logprob_chunk)[0])
+
+
+def make_update_step(model_cfg, gcfg, optimizer):
+  """jit(update(state, minibatch) -> (state, metrics)); one optimizer step on one minibatch."""
+  cfg = _train_cfg(model_cfg)
+
+  def loss_fn(params, mb):
+    logp, ent, load = _token_logprobs(params, mb["tokens"], cfg, gcfg.logprob_chunk)
+    mask = mb["mask"][:, 1:]
+    loss_sum, denom, m = grpo.policy_loss(
+        gcfg.loss, logp, mb["old_logp"][:, 1:], mb["advantages"], mask,
+        ref_logp=mb["ref_logp"][:, 1:] if gcfg.beta > 0 else None,
+        epsilon_low=gcfg.epsilon_low, epsilon_high=gcfg.epsilon_high, beta=gcfg.beta,
+        kl=gcfg.kl, max_len=gcfg.max_new_tokens)
+    m = dict(m, entropy=jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1))
+    return loss_sum / jnp.maximum(denom, 1e-9), (m, load)
+
+  def update(state, mb):
+    (loss, (m, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optim.apply_updates(state["params"], updates, load, model_cfg.router_bias_update_rate)
+    m = dict(m, loss=loss, grad_norm=jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+    if load is not None:
+      m["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
+    return dict(state, params=params, opt_state=opt_state), m
+
+  return jax.jit(update, donate_argnums=0)
+
+
+# ============================================================================ rollouts
+
+
+class Scorer:
+  """Task rewards in-process, or through a VerifierPool (never raises on a bad item)."""
+
+  def __init__(self, task_name: str, task_kwargs: dict, task, workers: int, timeout_s: float):
+    self.task = task
+    self.failures = 0
+    self.pool = None
+    if workers > 0:
+      from r1jax.verify.pool import VerifierPool
+      fn = functools.partial(remote.task_reward, task_name, remote.freeze(task_kwargs))
+      self.pool = VerifierPool(fn, num_workers=workers, item_timeout_s=timeout_s)
+
+  def submit(self, prompts, completions, examples):
+    if self.pool is not None:
+      items = [dict(prompt=p, completion=c, **e.reward_kwargs())
+               for p, c, e in zip(prompts, completions, examples)]
+      return self.pool.submit(items)
+    scores = []
+    for p, c, e in zip(prompts, completions, examples):
+      try:
+        r = float(self.task.reward(p, c, **e.reward_kwargs()))
+        scores.append(r if np.isfinite(r) else 0.0)
+      except Exception:  # a reward failure never stops training: scored 0 and counted
+        self.failures += 1
+        scores.append(0.0)
+    return scores
+
+  @staticmethod
+  def result(handle):
+    return list(handle) if isinstance(handle, list) else handle.result()
+
+  def close(self):
+    if self.pool is not None:
+      self.pool.close()
+
+
+def rollout(params, model_cfg, gcfg, batch: data_lib.PromptBatch, key, tokenizer):
+  """G completions per prompt; returns (SampleOutput, completion texts)."""
+  prompts = [list(batch.tokens_BxL[i, :batch.lengths_B[i]]) for i in range(len(batch.lengths_B))]
+  rows = [p for p in prompts for _ in range(gcfg.G)]
+  out = sampler.generate(params, model_cfg, rows, key, max_new_tokens=gcfg.max_new_tokens,
+                         temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k,
+                         eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+                         prompt_bucket=gcfg.max_prompt_len)
+  return out, eval_lib.completions_text(out, tokenizer)
+
+
+def _group_std(rewards, g):
+  return np.asarray(rewards, np.float64).reshape(-1, g).std(axis=1)
+
+
+# ============================================================================ the loop
+
+
+def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: str = "",
+          task_kwargs: dict | None = None, seed: int = 0, name: str = "grpo",
+          progress: bool = True, stop_after: int | None = None):
+  """Runs gcfg.steps GRPO steps from `params`; returns (params, info). Resumes if possible.
+
+  stop_after: return after this many steps of this call (tests use it to interrupt a run).
+  """
+  validate(gcfg)
+  run_dir = os.path.join(workdir, name)
+  ds = data_lib.prompt_dataset(task, "train", tokenizer, global_batch_size=gcfg.prompts_per_step,
+                               max_prompt_len=gcfg.max_prompt_len, seed=seed)
+  it = iter(ds)
+  optimizer = optim.make_optimizer(gcfg.optimizer, gcfg.steps)
+  params = jax.tree.map(jnp.array, params)  # a copy: the caller's arrays are never donated
+  state = {"params": params, "opt_state": optimizer.init(params),
+           "ref_params": jax.tree.map(jnp.copy, params),  # own buffers: the state is donated
+           "step": jnp.int32(0)}
+  manager = ckpt_lib.CheckpointManager(run_dir, gcfg.max_to_keep)
+  start = 0
+  times = {"sample_s": 0.0, "verify_s": 0.0, "train_s": 0.0}
+  if manager.latest_step() is not None:
+    restored = manager.restore(ckpt_lib.abstract_state(state))
+    state, start = restored.state, restored.step
+    it.set_state(restored.data_state["iterator"])
+    times = dict(restored.data_state["times"])
+  update = make_update_step(model_cfg, gcfg, optimizer)
+  ref_logprobs = make_ref_logprobs(model_cfg, gcfg)
+  scorer = Scorer(task_name, task_kwargs or {}, task, gcfg.reward_workers, gcfg.reward_timeout_s)
+  writer = metrics_lib.MetricsWriter(run_dir, resume_step=start if start else None)
+  bar = metrics_lib.ProgressBar(gcfg.steps, ("reward_mean", "accuracy", "kl_ref"),
+                                initial=start, desc=name, disable=not progress)
+  base_key = jax.random.key(seed)
+  n_rows = gcfg.prompts_per_step * gcfg.G
+  step = start
+  try:
+    while step < gcfg.steps and (stop_after is None or step - start < stop_after):
+      step_key = jax.random.fold_in(base_key, step)
+      # ---------------------------------------------------------------- sample + score
+      t0 = time.perf_counter()
+      groups, tries = [], 0
+      sample_s = verify_s = 0.0
+      n_sampled = n_tokens = 0
+      while True:
+        batch = next(it)
+        ts = time.perf_counter()
+        out, texts = rollout(state["params"], model_cfg, gcfg, batch,
+                             jax.random.fold_in(step_key, tries), tokenizer)
+        prompts = [p for p in batch.prompts for _ in range(gcfg.G)]
+        examples = [e for e in batch.examples for _ in range(gcfg.G)]
+        handle = scorer.submit(prompts, texts, examples)
+        sample_s += time.perf_counter() - ts
+        tv = time.perf_counter()
+        rewards = np.asarray(Scorer.result(handle), np.float64)
+        verify_s += time.perf_counter() - tv
+        n_sampled += len(texts)
+        n_tokens += int(np.asarray(out.lengths).sum())
+        groups.append((out, texts, rewards))
+        tries += 1
+        if not gcfg.dynamic_sampling or tries > gcfg.max_refills:
+          break
+        kept = sum(int((_group_std(r, gcfg.G) > 0).sum()) for _, _, r in groups)
+        if kept >= gcfg.prompts_per_step:
+          break
+      # ---------------------------------------------------------------- build the batch
+      rows = _assemble(groups, gcfg, n_rows)
+      if gcfg.beta > 0:
+        rows["ref_logp"] = np.asarray(ref_logprobs(state["ref_params"], jnp.asarray(rows["tokens"])))
+        rows["ref_logp"] = np.concatenate([np.zeros_like(rows["ref_logp"][:, :1]), rows["ref_logp"]], 1)
+      else:
+        rows["ref_logp"] = np.zeros_like(rows["old_logp"])
+      # ---------------------------------------------------------------- mu epochs of updates
+      tt = time.perf_counter()
+      mb_size = n_rows // gcfg.minibatches
+      ms = []
+      for epoch in range(gcfg.mu):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(step_key, 1000 + epoch), n_rows))
+        for j in range(gcfg.minibatches):
+          idx = perm[j * mb_size:(j + 1) * mb_size]
+          mb = {k: jnp.asarray(v[idx]) for k, v in rows.items() if k != "info"}
+          state, m = update(state, mb)
+          ms.append(m)
+      state["step"] = state["step"] + 1
+      if gcfg.ref_reset_every and (step + 1) % gcfg.ref_reset_every == 0:
+        state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
+      m_host = {k: float(np.mean([float(x[k]) for x in ms])) for k in ms[0]}
+      train_s = time.perf_counter() - tt
+      step += 1
+      # ---------------------------------------------------------------- metrics
+      times["sample_s"] += sample_s
+      times["verify_s"] += verify_s
+      times["train_s"] += train_s
+      info = rows["info"]
+      m_host.update(info)
+      m_host.update(
+          sample_tokens_per_s=n_tokens / max(sample_s, 1e-9),
+          train_tokens_per_s=gcfg.mu * int(rows["mask"].sum()) / max(train_s, 1e-9),
+          time_sample_s=sample_s, time_verify_s=verify_s, time_train_s=train_s,
+          step_time_s=time.perf_counter() - t0, sampled=n_sampled,
+          reward_failures=scorer.failures, **{f"total_{k}": v for k, v in times.items()})
+      check_finite(step, m_host)
+      writer.write(step, m_host)
+      bar.update(step, m_host)
+      if step % gcfg.checkpoint_every == 0 or step == gcfg.steps:
+        manager.save(step, state, data_state={"iterator": it.get_state(), "times": times})
+  finally:
+    manager.wait()
+    manager.close()
+    writer.close()
+    bar.close()
+    scorer.close()
+  return state["params"], {"steps": step, **times}
+
+
+def _assemble(groups, gcfg, n_rows):
+  """Rollout groups -> fixed-size training rows (static shapes: one compile per config)."""
+  toks, masks, olds, advs, rewards_all, lengths, trunc = [], [], [], [], [], [], []
+  for out, _, rewards in groups:
+    adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards, jnp.float32), gcfg.G,
+                                           scale=gcfg.adv_scale))
+    keep = np.repeat(_group_std(rewards, gcfg.G) > 0, gcfg.G) if gcfg.dynamic_sampling else \
+        np.ones(len(rewards), bool)
+    toks.append(np.asarray(out.tokens)[keep])
+    masks.append(np.asarray(out.completion_mask)[keep])
+    olds.append(np.asarray(out.logprobs)[keep])
+    advs.append(adv[keep])
+    rewards_all.append(rewards)
+    lengths.append(np.asarray(out.lengths))
+    trunc.append(np.asarray(out.truncated))
+  first_rewards = groups[0][2]
+  first_texts = groups[0][1]
+  tokens = np.concatenate(toks)[:n_rows]
+  kept_rows = len(tokens)
+  pad = n_rows - kept_rows
+  def fill(x, value=0):
+    x = np.concatenate(x)[:n_rows]
+    return np.concatenate([x, np.full((pad,) + x.shape[1:], value, x.dtype)]) if pad else x
+  rows = {"tokens": fill(toks), "mask": fill(masks, False).astype(np.float32),
+          "old_logp": fill(olds).astype(np.float32), "advantages": fill(advs).astype(np.float32)}
+  all_rewards = np.concatenate(rewards_all)
+  rows["info"] = {
+      "reward_mean": float(first_rewards.mean()), "reward_std": float(first_rewards.std()),
+      "accuracy": float((first_rewards >= 1.0).mean()),
+      "format_rate": format_rate(first_texts),
+      "groups_all_equal": float((_group_std(first_rewards, gcfg.G) == 0).mean()),
+      "completion_length": float(np.concatenate(lengths).mean()),
+      "truncation_rate": float(np.concatenate(trunc).mean()),
+      "rows_trained": float(kept_rows), "reward_mean_all_samples": float(all_rewards.mean())}
+  return rows
+
+
+def format_rate(texts) -> float:
+  return float(np.mean([task_base.parse_response(t) is not None for t in texts]))
+
+
+def run(cfg, workdir: str):
+  """`grpo` mode: GRPO from the latest SFT checkpoint in workdir (or from scratch: R1-Zero)."""
+  from r1jax import pipeline
+  return pipeline.run_grpo_only(cfg, workdir)

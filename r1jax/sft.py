@@ -1,0 +1,138 @@
+"""Supervised fine-tuning: the cold start of DeepSeek-R1 (section 2.3.1) and distillation.
+
+Next-token loss on response tokens only, over packed rows with segment_ids (data.py), plus
+the MTP loss when the model has MTP modules. Same optimizer, checkpoints and metrics as
+GRPO. A run is resumable: killed at any point, `train` picks up from the latest checkpoint
+(parameters, optimizer, step, data iterator) and continues.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from r1jax import checkpoint as ckpt_lib
+from r1jax import data as data_lib
+from r1jax import losses, metrics as metrics_lib, optim
+from r1jax import model as model_lib
+
+
+def sft_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_traces = 256          # cold-start examples with traces (R1 used thousands)
+  c.steps = 300
+  c.batch_size = 16           # packed rows per step
+  c.seq_len = 256
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.max_to_keep = 2
+  c.optimizer = optim.optimizer_defaults()
+  return c
+
+
+def make_train_step(model_cfg, optimizer):
+  """jit(step(state, batch) -> (state, metrics)), donating the state."""
+
+  def step(state, batch):
+    def loss_fn(params):
+      s, n, m = losses.lm_loss(params, batch["tokens"], model_cfg, loss_mask=batch["loss_mask"],
+                               segment_ids=batch["segment_ids"], positions=batch["positions"])
+      return s / jnp.maximum(n, 1.0), m
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    load = m.get("tokens_per_expert")
+    params = optim.apply_updates(state["params"], updates, load, model_cfg.router_bias_update_rate)
+    out = {"loss": loss, "nll": m["nll_sum"] / jnp.maximum(m["tokens"], 1.0),
+           "grad_norm": optax.global_norm(grads), "tokens": m["tokens"]}
+    if load is not None:
+      out["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def check_finite(step: int, metrics: dict, what: str = "loss") -> None:
+  """Stops a run on a NaN/Inf loss before anything poisoned is checkpointed."""
+  value = metrics.get(what)
+  if value is not None and not np.isfinite(value):
+    raise FloatingPointError(
+        f"step {step}: {what} is {value}; stopping without saving a checkpoint of this state "
+        "(lower the learning rate, or check the data)")
+
+
+def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, seed: int = 0,
+          steps: int | None = None, time_budget_s: float | None = None, name: str = "sft",
+          progress: bool = True):
+  """Trains on `examples`' traces; returns (params, info dict).
+
+  steps: number of optimizer steps (default scfg.steps). time_budget_s: stop early once this
+  much wall-clock training time is spent (the SFT control arm). The run lives in
+  workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes.
+  """
+  total = int(steps if steps is not None else scfg.steps)
+  run_dir = os.path.join(workdir, name)
+  ds = data_lib.sft_dataset(task, examples, tokenizer, seq_len=scfg.seq_len,
+                            global_batch_size=scfg.batch_size, seed=seed)
+  it = iter(ds)
+  optimizer = optim.make_optimizer(scfg.optimizer, total)
+  params = jax.tree.map(jnp.array, params)  # a copy: the caller's arrays are never donated
+  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+  elapsed = 0.0
+  manager = ckpt_lib.CheckpointManager(run_dir, scfg.max_to_keep)
+  start_step = 0
+  if manager.latest_step() is not None:
+    restored = manager.restore(ckpt_lib.abstract_state(state))
+    state, start_step = restored.state, restored.step
+    it.set_state(restored.data_state["iterator"])
+    elapsed = float(restored.data_state["elapsed_s"])
+  train_step = make_train_step(model_cfg, optimizer)
+  writer = metrics_lib.MetricsWriter(run_dir, resume_step=start_step if start_step else None)
+  late = metrics_lib.OneStepLate()
+  bar = metrics_lib.ProgressBar(total, ("loss", "nll"), initial=start_step, desc=name,
+                                disable=not progress)
+  step = start_step
+
+  def emit(item):
+    if item is not None:
+      s, m = item
+      check_finite(s, m)
+      writer.write(s, m)
+      bar.update(s, m)
+
+  try:
+    while step < total and (time_budget_s is None or elapsed < time_budget_s):
+      t0 = time.perf_counter()
+      batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+      state, m = train_step(state, batch)
+      jax.block_until_ready(state["step"])
+      elapsed += time.perf_counter() - t0
+      step += 1
+      m = dict(m, elapsed_s=elapsed)
+      emit(late.push(step, m))
+      if step % scfg.checkpoint_every == 0 or step == total:
+        emit(late.flush())
+        manager.save(step, state, data_state={"iterator": it.get_state(), "elapsed_s": elapsed})
+    emit(late.flush())
+    manager.save(step, state, data_state={"iterator": it.get_state(), "elapsed_s": elapsed},
+                 force=True)
+  finally:
+    manager.wait()
+    manager.close()
+    writer.close()
+    bar.close()
+  return state["params"], {"steps": step, "train_time_s": elapsed}
+
+
+def run(cfg, workdir: str):
+  """`sft` mode: cold-start SFT on cfg.sft.num_traces traces of the config's task."""
+  from r1jax import pipeline
+  task, tokenizer, model_cfg = pipeline.build(cfg)
+  traces = pipeline.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
+  return train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params,
+               examples=traces, seed=cfg.seed)
