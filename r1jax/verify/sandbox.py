@@ -53,7 +53,6 @@ import dataclasses
 import json
 import os
 import queue
-import resource
 import select
 import shutil
 import signal
@@ -291,26 +290,38 @@ def default_pool() -> SandboxPool:
     return _DEFAULT_POOL
 
 
+_UNSAFE_PRELUDE = """
+import resource, sys
+for kind, soft, hard in ((resource.RLIMIT_AS, {mem}, {mem}), (resource.RLIMIT_CPU, {cpu}, {cpu} + 1),
+                         (resource.RLIMIT_FSIZE, {fsize}, {fsize})):
+  resource.setrlimit(kind, (soft, hard))
+source = sys.argv.pop(1)
+exec(compile(source, 'solution.py', 'exec'), {{'__name__': '__main__'}})
+"""
+
+
 def _unsafe_run(code: str, stdin: str | bytes, limits: Limits) -> ExecResult:
   """No isolation: a plain subprocess with rlimits, killed by process group at the deadline."""
-  def preexec():
-    mb = 1 << 20
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb,) * 2)
-    cpu = limits.cpu_s or int(limits.timeout_s) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb,) * 2)
+  mb = 1 << 20
+  prelude = _UNSAFE_PRELUDE.format(mem=limits.memory_mb * mb, fsize=limits.file_mb * mb,
+                                   cpu=limits.cpu_s or int(limits.timeout_s) + 1)
   stdin_b = stdin.encode('utf-8') if isinstance(stdin, str) else bytes(stdin)
   start = time.monotonic()
-  proc = subprocess.Popen([sys.executable, '-I', '-c', code], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec,
-                          start_new_session=True, env={'PATH': '/usr/bin:/bin'})
+  proc = subprocess.Popen([sys.executable, '-I', '-c', prelude, code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                          env={'PATH': '/usr/bin:/bin'})
   timed_out = False
   try:
     out, err = proc.communicate(stdin_b, timeout=limits.timeout_s)
   except subprocess.TimeoutExpired:
     timed_out = True
     os.killpg(proc.pid, signal.SIGKILL)
-    out, err = proc.communicate()
+    try:  # a setsid() escapee may still hold the pipes: do not wait for it
+      out, err = proc.communicate(timeout=2.0)
+    except subprocess.TimeoutExpired:
+      proc.stdout.close(), proc.stderr.close()
+      proc.wait()
+      out, err = b'', b''
   cap = limits.max_output_bytes
   truncated = len(out) > cap or len(err) > cap
   out, err = out[:cap], err[:cap]
