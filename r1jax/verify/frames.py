@@ -1,4 +1,4 @@
-"""Length-prefixed JSON frames over raw file descriptors: the host <-> helper process protocol.
+"""Length-prefixed JSON frames over raw file descriptors: the host <-> worker process protocol.
 
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON. Raw fds (not
 Python file objects) keep select() and the bytes actually read in agreement.
