@@ -16,7 +16,10 @@ at index n_b - 1. Decode step t feeds row b's previous token at position n_b + t
 slots <= q, so the prefill's padding slots are overwritten before anything reads them.
 Decode uses the absorbed attention path (W_UK folded into the query, W_UV after the
 weighted sum, DeepSeek-V2 appendix C), and a `lax.while_loop` that stops as soon as every
-row has emitted an end-of-sequence id.
+row has emitted an end-of-sequence id. The decode step is the model's block unrolled over
+layers on parameters re-laid-out once per rollout (`decode_params`): a scan over stacked
+weights, and the dense MoE's einsums, would copy or transpose every weight at every step,
+which on CPU costs more than the step's arithmetic. Tests hold it to the full forward.
 
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k
 (keep the k largest), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text
@@ -47,7 +50,8 @@ import ml_collections
 import numpy as np
 
 from r1jax import config as config_lib
-from r1jax import model
+from r1jax import mla, model, moe
+from r1jax.layers import rms_norm, swiglu
 
 
 class SampleOutput(NamedTuple):
@@ -195,16 +199,119 @@ def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=Non
   return logits_BxV, cache
 
 
+def decode_params(params, cfg) -> dict:
+  """The parameters re-laid-out for decoding, computed once per rollout (outside the loop).
+
+  * Layers are unstacked into a list, so the unrolled decode step reads each layer's
+    weights in place (a scan over stacked weights slices them out every step).
+  * Floating weights are cast to cfg.dtype (the router stays float32), as `model.forward`.
+  * With moe_impl='dense' (every token through every expert), the routed experts become
+    two [D, E*F] matrices and one [E*F, D] matrix, so the MoE is three plain GEMMs:
+    y = ((silu(x W_gate) * (x W_up)) * g) W_down, where g [T, E*F] repeats each token's
+    gate weight over its expert's F columns (0 off its top-K). This is the dense oracle's
+    arithmetic without its per-step weight transposes. Other moe_impl values run
+    `moe.moe_ffn` unchanged.
+  """
+  dtype = model._DTYPES[cfg.dtype]
+  def cast(path, x):
+    in_router = any(getattr(k, "key", None) == "router" for k in path)
+    return x if in_router or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+  params = jax.tree_util.tree_map_with_path(cast, params)
+  out = {"embed": params["embed"], "final_norm": params["final_norm"],
+         "head_DxV": model.output_head(params, cfg), "layers": []}
+  for name in ("dense_layers", "moe_layers"):
+    if name not in params:
+      continue
+    n = jax.tree.leaves(params[name])[0].shape[0]
+    for i in range(n):
+      layer = jax.tree.map(lambda x: x[i], params[name])
+      if name == "moe_layers" and cfg.moe_impl == "dense":
+        ex = layer["moe"].pop("experts")
+        e, d, f = ex["w_gate"].shape
+        layer["moe"]["gemm"] = {
+            "w_gate_DxEF": jnp.transpose(ex["w_gate"], (1, 0, 2)).reshape(d, e * f),
+            "w_up_DxEF": jnp.transpose(ex["w_up"], (1, 0, 2)).reshape(d, e * f),
+            "w_down_EFxD": ex["w_down"].reshape(e * f, d)}
+      out["layers"].append(layer)
+  return out
+
+
+def _moe_gemm(p: dict, x_TxD, cfg):
+  """Routed (as three GEMMs, see decode_params) + shared experts for decode tokens."""
+  t = x_TxD.shape[0]
+  e, f = cfg.n_routed_experts, cfg.moe_intermediate_size
+  idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
+  combine_TxE = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32),
+                           weights_TxK)
+  g = p["gemm"]
+  h_TxEF = jax.nn.silu(x_TxD @ g["w_gate_DxEF"]) * (x_TxD @ g["w_up_DxEF"])
+  h_TxExF = h_TxEF.reshape(t, e, f) * combine_TxE.astype(x_TxD.dtype)[:, :, None]
+  y_TxD = h_TxExF.reshape(t, e * f) @ g["w_down_EFxD"]
+  if "shared" in p:
+    y_TxD = y_TxD + swiglu(x_TxD, p["shared"])
+  return y_TxD
+
+
+def decode_layers(dparams: dict, cfg, tokens_B, positions_B, caches: list):
+  """One token per row through the unrolled layers, absorbed attention over the latents.
+
+  caches: per layer (ckv [B, S, C], krope [B, S, R]); the new latents are written at slot
+  positions_B, and a row attends to slots <= its position. Returns (logits [B, V], caches).
+  """
+  b = tokens_B.shape[0]
+  s = caches[0][0].shape[1]
+  rows_B = jnp.arange(b)
+  pos_Bx1 = positions_B[:, None]
+  mask_Bx1xS = (jnp.arange(s)[None, :] <= pos_Bx1)[:, None, :]
+  h_Bx1xD = dparams["embed"][tokens_B][:, None, :]
+  new_caches = []
+  for p, (ckv_BxSxC, krope_BxSxR) in zip(dparams["layers"], caches):
+    x = rms_norm(h_Bx1xD, p["attn_norm"], cfg.rms_norm_eps)
+    ckv_Bx1xC, krope_Bx1xR = mla.project_kv(p["attn"], x, pos_Bx1, cfg)
+    ckv_BxSxC = ckv_BxSxC.at[rows_B, positions_B].set(ckv_Bx1xC[:, 0].astype(ckv_BxSxC.dtype))
+    krope_BxSxR = krope_BxSxR.at[rows_B, positions_B].set(
+        krope_Bx1xR[:, 0].astype(krope_BxSxR.dtype))
+    new_caches.append((ckv_BxSxC, krope_BxSxR))
+    q_nope, q_rope = mla.project_queries(p["attn"], x, pos_Bx1, cfg)
+    h_Bx1xD = h_Bx1xD + mla.attend(p["attn"], q_nope, q_rope, ckv_BxSxC.astype(x.dtype),
+                                   krope_BxSxR.astype(x.dtype), mask_Bx1xS, cfg,
+                                   impl="absorbed")
+    x_BxD = rms_norm(h_Bx1xD, p["mlp_norm"], cfg.rms_norm_eps)[:, 0]
+    if "mlp" in p:
+      y_BxD = swiglu(x_BxD, p["mlp"])
+    elif "gemm" in p["moe"]:
+      y_BxD = _moe_gemm(p["moe"], x_BxD, cfg)
+    else:
+      y_BxD = moe.moe_ffn(p["moe"], x_BxD[:, None, :], jnp.ones((b, 1), bool), cfg)[0][:, 0]
+    h_Bx1xD = h_Bx1xD + y_BxD[:, None, :]
+  normed_BxD = rms_norm(h_Bx1xD[:, 0], dparams["final_norm"], cfg.rms_norm_eps)
+  logits_BxV = jnp.einsum("bd,dv->bv", normed_BxD, dparams["head_DxV"],
+                          preferred_element_type=jnp.float32)
+  return logits_BxV, new_caches
+
+
+def split_cache(cache: dict) -> list:
+  """model.init_cache's stacked {'ckv', 'krope'} -> per-layer [(ckv, krope), ...]."""
+  return [(cache["ckv"][i], cache["krope"][i]) for i in range(cache["ckv"].shape[0])]
+
+
+def stack_cache(caches: list) -> dict:
+  return {"ckv": jnp.stack([c for c, _ in caches]), "krope": jnp.stack([r for _, r in caches])}
+
+
 def decode_step(params, cfg, tokens_B, positions_B, cache):
-  """One new token per row at `positions_B`; returns (logits [B, V], updated cache)."""
-  logits_Bx1xV, cache = model.forward_with_cache(
-      params, tokens_B[:, None], positions_B[:, None], cache, cfg)
-  return logits_Bx1xV[:, 0], cache
+  """One new token per row at `positions_B` over a stacked cache; returns (logits [B, V], cache).
+
+  A convenience wrapper (tests, single steps); `generate` keeps the per-layer form.
+  """
+  logits_BxV, caches = decode_layers(decode_params(params, cfg), cfg, tokens_B, positions_B,
+                                     split_cache(cache))
+  return logits_BxV, stack_cache(caches)
 
 
 class _State(NamedTuple):
   t: jax.Array             # [] completion index of the token emitted next
-  cache: dict
+  caches: list             # per layer (ckv [B, S, C], krope [B, S, R])
   last_B: jax.Array        # the token emitted at step t - 1
   done_B: jax.Array        # the row has emitted an EOS id
   tokens_BxW: jax.Array
@@ -219,6 +326,14 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
   w = p + max_new_tokens
   rows_B = jnp.arange(b)
   logits_BxV, cache = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding)
+  caches = split_cache(cache)
+  dparams = decode_params(params, cfg)
+  def constrain(caches):
+    if cache_sharding is None:
+      return caches
+    layer = jax.sharding.NamedSharding(cache_sharding.mesh,
+                                       jax.sharding.PartitionSpec(*cache_sharding.spec[1:]))
+    return jax.lax.with_sharding_constraint(caches, [(layer, layer)] * len(caches))
   eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
 
   def emit(st: _State, logits_BxV) -> _State:
@@ -238,7 +353,7 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
 
   tokens_BxW = jnp.concatenate(
       [prompt_BxP, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
-  st = _State(t=jnp.int32(0), cache=cache, last_B=jnp.zeros((b,), jnp.int32),
+  st = _State(t=jnp.int32(0), caches=constrain(caches), last_B=jnp.zeros((b,), jnp.int32),
               done_B=jnp.zeros((b,), bool), tokens_BxW=tokens_BxW,
               mask_BxW=jnp.zeros((b, w), bool), logprobs_BxW=jnp.zeros((b, w), jnp.float32))
   st = emit(st, logits_BxV)._replace(t=jnp.int32(1))
@@ -247,10 +362,8 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
     return (st.t < max_new_tokens) & ~jnp.all(st.done_B)
 
   def body(st: _State) -> _State:
-    logits_BxV, cache = decode_step(params, cfg, st.last_B, lengths_B + st.t - 1, st.cache)
-    if cache_sharding is not None:
-      cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
-    st = emit(st._replace(cache=cache), logits_BxV)
+    logits_BxV, caches = decode_layers(dparams, cfg, st.last_B, lengths_B + st.t - 1, st.caches)
+    st = emit(st._replace(caches=constrain(caches)), logits_BxV)
     return st._replace(t=st.t + 1)
 
   st = jax.lax.while_loop(cond, body, st)

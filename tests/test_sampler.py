@@ -80,10 +80,15 @@ def test_greedy_equals_teacher_forced_argmax():
     assert (tokens[b, n + NEW:] == 0).all()  # pad after the completion
 
 
-def test_prefill_then_decode_equals_full_forward():
-  """Mixed prompt lengths: prefill + 5 single-token steps give the full forward's logits."""
+@pytest.mark.parametrize("moe_impl", ["dense", "ragged"])
+def test_prefill_then_decode_equals_full_forward(moe_impl):
+  """Mixed prompt lengths: prefill + 5 single-token steps give the full forward's logits.
+
+  moe_impl 'dense' decodes with the GEMM re-layout of the experts, 'ragged' through moe_ffn.
+  """
   cfg, params = _load("v3")
   dcfg = sampler.decode_config(cfg)
+  dcfg.moe_impl = moe_impl
   seq_BxL = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 12)).astype(np.int32)
   lengths = np.array([3, 7], np.int32)
   n_steps = 5
