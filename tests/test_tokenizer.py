@@ -80,3 +80,31 @@ def test_for_task_picks_char_for_generated_tasks_and_bytes_otherwise():
   assert isinstance(tk.for_task(_OpenTextTask()), tk.ByteTokenizer)
   with pytest.raises(ValueError, match="no fixed alphabet"):
     tk.for_task(_OpenTextTask(), "char")
+
+
+def test_char_tokenizer_words_are_single_tokens_and_round_trip():
+  from r1jax import tasks
+  from r1jax.tokenizer import CharTokenizer, for_task, make_tokenizer
+  tok = CharTokenizer("<>/abcdehinkrstw0123456789", words=("<think>", "</think>"))
+  ids = tok.encode("<think>12</think>")
+  assert len(ids) == 4                      # <think> 1 2 </think>
+  assert tok.decode(ids) == "<think>12</think>"
+  assert make_tokenizer(spec=tok.spec()).encode("<think>12</think>") == ids
+  # A word's characters still encode one by one where the word does not match.
+  assert len(tok.encode("<thin")) == 5
+  task = tasks.get_task("arithmetic")
+  ex = task.examples("train", 1)[0]
+  words_tok, plain_tok = for_task(task, "char+words"), for_task(task, "char")
+  text = task.prompt(ex) + ex.trace
+  assert words_tok.decode(words_tok.encode(text)) == text
+  assert len(words_tok.encode(text)) == len(plain_tok.encode(text)) - sum(
+      len(w) - 1 for w in ("<think>", "</think>", "<answer>", "</answer>", "User: ", "\nAssistant:"))
+
+
+def test_char_tokenizer_rejects_bad_words():
+  import pytest
+  from r1jax.tokenizer import CharTokenizer
+  with pytest.raises(ValueError, match="outside the alphabet"):
+    CharTokenizer("ab", words=("abc",))
+  with pytest.raises(ValueError, match="distinct"):
+    CharTokenizer("ab", words=("ab", "ab"))
