@@ -156,7 +156,7 @@ class Scorer:
 
   def __init__(self, task_name: str, task_kwargs: dict, task, workers: int, timeout_s: float):
     self.task = task
-    self.failures = 0
+    self._local_failures = 0
     self.pool = None
     if workers > 0:
       from r1jax.verify.pool import VerifierPool
@@ -174,9 +174,17 @@ class Scorer:
         r = float(self.task.reward(p, c, **e.reward_kwargs()))
         scores.append(r if np.isfinite(r) else 0.0)
       except Exception:  # a reward failure never stops training: scored 0 and counted
-        self.failures += 1
+        self._local_failures += 1
         scores.append(0.0)
     return scores
+
+  @property
+  def failures(self) -> int:
+    """Items scored 0 so far because the reward raised (or, in the pool, timed out or died)."""
+    n = self._local_failures
+    if self.pool is not None:
+      n += sum(v for reason, v in self.pool.stats().items() if reason != "ok")
+    return n
 
   @staticmethod
   def result(handle):
@@ -242,6 +250,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   try:
     while step < gcfg.steps and (stop_after is None or step - start < stop_after):
       step_key = jax.random.fold_in(base_key, step)
+      failures_before = scorer.failures
       # ---------------------------------------------------------------- sample + score
       t0 = time.perf_counter()
       groups, tries = [], 0
@@ -303,7 +312,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
           train_tokens_per_s=gcfg.mu * int(rows["mask"].sum()) / max(train_s, 1e-9),
           time_sample_s=sample_s, time_verify_s=verify_s, time_train_s=train_s,
           step_time_s=time.perf_counter() - t0, sampled=n_sampled,
-          reward_failures=scorer.failures, **{f"total_{k}": v for k, v in times.items()})
+          reward_failures=scorer.failures - failures_before,
+          **{f"total_{k}": v for k, v in times.items()})
       check_finite(step, m_host)
       writer.write(step, m_host)
       bar.update(step, m_host)
