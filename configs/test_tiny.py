@@ -1,0 +1,69 @@
+"""The miniature R1 pipeline shrunk until a whole run takes seconds: the tests' config.
+
+  python -m r1jax.main --config=configs/test_tiny.py --workdir=/tmp/r1_test_tiny
+
+Same stages and code paths as configs/r1_tiny.py (cold-start SFT, eval, GRPO, eval, SFT
+control) on a 2-layer, hidden-32 DeepSeek-V3-shaped model with 4 routed experts in 2 groups.
+The numbers it produces say nothing about learning; tests use it to check plumbing (files
+written, checkpoints resumed, errors raised).
+
+Arguments: seed (int), mode (pipeline|sft|grpo|eval), gsm8k (a GSM8K-style JSONL path: the
+task becomes 'gsm8k' on that file for both splits, byte tokenizer; empty = arithmetic).
+"""
+import ml_collections
+
+from r1jax import config as config_lib
+from r1jax import evaluate, presets, rl, sft
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, seed=0, mode="pipeline", gsm8k="")
+  c = ml_collections.ConfigDict()
+  c.mode = a.mode
+  c.seed = a.seed
+  c.control = True
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "arithmetic"
+  c.task.tokenizer = "char+words"
+  c.task.kwargs = ml_collections.ConfigDict(dict(
+      ops=("+",), train_digits=(2, 3), test_digits=(3, 3), test_size=200))
+  c.task.trace_overrides = ml_collections.ConfigDict(dict(train_digits=(2, 2)))
+  if a.gsm8k:
+    c.task.name = "gsm8k"
+    c.task.tokenizer = "byte"
+    c.task.kwargs = ml_collections.ConfigDict(dict(train_path=a.gsm8k, test_path=a.gsm8k))
+    c.task.trace_overrides = ml_collections.ConfigDict()
+
+  c.model = presets.get(
+      "tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+      intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+      num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+      max_position_embeddings=64, moe_impl="dense", attention_impl="naive")
+
+  c.sft = sft.sft_defaults()
+  c.sft.num_traces = 16
+  c.sft.steps = 4
+  c.sft.batch_size = 4
+  c.sft.seq_len = 64
+  c.sft.checkpoint_every = 2
+  c.sft.optimizer.lr = 3e-3
+  c.sft.optimizer.warmup_steps = 0
+
+  c.grpo = rl.grpo_defaults()
+  c.grpo.steps = 2
+  c.grpo.prompts_per_step = 4
+  c.grpo.G = 4
+  c.grpo.max_prompt_len = 16
+  c.grpo.max_new_tokens = 24
+  c.grpo.logprob_chunk = 256
+  c.grpo.checkpoint_every = 1
+  c.grpo.optimizer.lr = 1e-3
+  c.grpo.optimizer.warmup_steps = 0
+
+  c.eval = evaluate.eval_defaults()
+  c.eval.num_problems = 8
+  c.eval.max_new_tokens = 24
+  c.eval.batch_size = 8
+  return c

@@ -1,0 +1,277 @@
+"""Tests of the GRPO loop (r1jax/rl.py) on configs/test_tiny.py.
+
+What they pin down: one step really trains (a non-bias weight moves, the on-policy ratio is
+1) and logs every promised metric; a run SIGKILLed past a checkpoint and resumed ends
+bitwise equal to an uninterrupted run with equal metrics; a reward that raises never stops
+training and is scored 0 and counted; a NaN stops the run before its checkpoint; a bad
+config names its field.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+from r1jax import checkpoint as ckpt_lib
+from r1jax import metrics as metrics_lib
+from r1jax import model as model_lib
+from r1jax import pipeline, rl
+
+import tiny_runs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def built():
+  cfg = tiny_runs.load_config()
+  task, tokenizer, model_cfg = pipeline.build(cfg)
+  params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
+  return cfg, task, tokenizer, model_cfg, params
+
+
+def _fresh_task(cfg):
+  """A task object of its own, so a test may replace its reward."""
+  return pipeline.build(cfg)[0]
+
+
+def _checksum(text: str) -> int:
+  return zlib.crc32(text.encode("utf-8"))
+
+
+def _train(built, workdir, task, **overrides):
+  cfg, _, tokenizer, model_cfg, params = built
+  gcfg = copy.deepcopy(cfg.grpo)
+  task_kwargs = overrides.pop("task_kwargs", cfg.task.kwargs.to_dict())
+  for k, v in overrides.items():
+    gcfg[k] = v
+  return rl.train(model_cfg, gcfg, str(workdir), task=task, tokenizer=tokenizer, params=params,
+                  task_name=cfg.task.name, task_kwargs=task_kwargs, seed=cfg.seed,
+                  progress=False)
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ------------------------------------------------------------------------ one step
+
+
+@pytest.fixture(scope="module")
+def one_step(built, tmp_path_factory):
+  """One GRPO step with a reward that splits the completions (crc32 parity of the text)."""
+  cfg = built[0]
+  task = _fresh_task(cfg)
+  calls = []
+
+  def reward(prompt, completion, **fields):
+    del prompt, fields
+    r = float(_checksum(completion) % 2)
+    calls.append((completion, r))
+    return r
+
+  task.reward = reward
+  workdir = tmp_path_factory.mktemp("grpo_one_step")
+  params, info = _train(built, workdir, task, steps=1)
+  return workdir, params, info, calls
+
+
+def test_one_step_moves_weights_not_only_router_biases(built, one_step):
+  before = _leaves(built[4])
+  _, params, info, calls = one_step
+  after = _leaves(params)
+  assert info["steps"] == 1
+  assert len(calls) == 16  # prompts_per_step 4 x G 4
+  rewards = [r for _, r in calls]
+  assert 0 < sum(rewards) < 16, "the test reward must split the group, or nothing is learned"
+  changed = [k for k in before if not np.array_equal(before[k], after[k])]
+  weights = [k for k in changed if "router']['bias" not in k]
+  assert weights, f"only {changed} changed"
+  assert all(np.isfinite(after[k]).all() for k in after)
+  # The caller's parameters are copied, never donated or modified.
+  assert all(np.array_equal(before[k], _leaves(built[4])[k]) for k in before)
+
+
+def test_one_step_writes_finite_metrics(one_step):
+  workdir, _, _, calls = one_step
+  rows = metrics_lib.read_metrics(os.path.join(workdir, "grpo"))
+  assert [r["step"] for r in rows] == [1]
+  row = rows[0]
+  for key in ("reward_mean", "reward_std", "accuracy", "format_rate", "loss", "grad_norm",
+              "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_old", "kl_ref",
+              "entropy", "expert_imbalance", "completion_length", "truncation_rate",
+              "sample_tokens_per_s", "train_tokens_per_s", "time_sample_s", "time_verify_s",
+              "time_train_s", "step_time_s", "reward_failures"):
+    assert key in row, key
+    assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row[key])
+  rewards = np.array([r for _, r in calls])
+  assert row["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-12)
+  assert row["reward_std"] == pytest.approx(rewards.std(), abs=1e-12)
+  assert row["accuracy"] == pytest.approx((rewards >= 1).mean(), abs=1e-12)
+  assert row["reward_failures"] == 0
+  # On-policy (mu = 1, one minibatch): the first update sees the sampler's own log-probs,
+  # so the importance ratio is 1 and nothing is clipped.
+  assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+  assert row["approx_kl_old"] < 1e-5
+  assert row["clip_frac_low"] == 0 and row["clip_frac_high"] == 0
+  assert row["kl_ref"] == 0.0  # beta = 0: no reference term
+  assert 0 < row["entropy"] <= math.log(43) + 1e-4
+  assert row["expert_imbalance"] >= 1.0
+  assert row["time_sample_s"] > 0 and row["time_train_s"] > 0
+  assert row["step_time_s"] >= row["time_sample_s"] + row["time_train_s"]
+  with ckpt_lib.CheckpointManager(os.path.join(workdir, "grpo")) as m:
+    assert m.all_steps() == [1]
+
+
+# ------------------------------------------------------------------------ resume
+
+
+def _wait_for_pause(proc, run_dir, step, checkpoint, timeout_s=300):
+  """Blocks until `run_dir` holds metrics of `step` and the finalised `checkpoint`."""
+  deadline = time.time() + timeout_s
+  ckpt = os.path.join(run_dir, "checkpoints", str(checkpoint))
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      pytest.fail(f"the run exited with {proc.returncode} before the kill point:\n{err[-3000:]}")
+    rows = metrics_lib.read_metrics(run_dir)
+    if os.path.isdir(ckpt) and any(r["step"] == step for r in rows):
+      return
+    time.sleep(0.05)
+  proc.kill()
+  pytest.fail(f"no metrics of step {step} and checkpoint {checkpoint} after {timeout_s} s")
+
+
+def run_killed_then_resumed(kind, workdir):
+  """Starts the `kind` run as a process, SIGKILLs it after step 3 (checkpoint 2 on disk),
+  then resumes it in this process to the end; returns (params, info)."""
+  proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tiny_runs.py"), kind,
+                           str(workdir), "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    _wait_for_pause(proc, os.path.join(workdir, kind), step=3, checkpoint=2)
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  with ckpt_lib.CheckpointManager(os.path.join(workdir, kind)) as m:
+    assert m.latest_step() == 2, "the kill must land between checkpoints 2 and 4"
+  assert max(r["step"] for r in metrics_lib.read_metrics(os.path.join(workdir, kind))) == 3
+  run = tiny_runs.run_grpo if kind == "grpo" else tiny_runs.run_sft
+  return run(str(workdir))
+
+
+def assert_same_run(kind, dir_a, params_a, dir_b, params_b):
+  a, b = _leaves(params_a), _leaves(params_b)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{k} differs after resume"
+  rows_a = metrics_lib.read_metrics(os.path.join(dir_a, kind))
+  rows_b = metrics_lib.read_metrics(os.path.join(dir_b, kind))
+  assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+  for ra, rb in zip(rows_a, rows_b):
+    assert ra.keys() == rb.keys()
+    keep = [k for k in ra if not tiny_runs.is_timing_key(k)]
+    assert {k: ra[k] for k in keep} == {k: rb[k] for k in keep}, f"step {ra['step']}"
+
+
+def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
+  params_a, info_a = tiny_runs.run_grpo(str(tmp_path / "a"))
+  params_b, info_b = run_killed_then_resumed("grpo", tmp_path / "b")
+  assert info_a["steps"] == info_b["steps"] == 4
+  assert_same_run("grpo", tmp_path / "a", params_a, tmp_path / "b", params_b)
+  rows = metrics_lib.read_metrics(os.path.join(tmp_path / "b", "grpo"))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 3 of the killed run written once
+  # The resumed run continues the accumulated time split rather than restarting it.
+  assert rows[-1]["total_train_s"] >= rows[1]["total_train_s"] + rows[-1]["time_train_s"] - 1e-6
+
+
+# ------------------------------------------------------------------------ reward failures
+
+
+def test_reward_exceptions_score_zero_and_are_counted_per_step(built, tmp_path):
+  cfg = built[0]
+  task = _fresh_task(cfg)
+  raised = []  # one flag per scored item, in scoring order (16 per step)
+
+  def flaky(prompt, completion, **fields):
+    del prompt, fields
+    raised.append(_checksum(completion) % 3 == 0)
+    if raised[-1]:
+      raise RuntimeError("verifier crashed")
+    return 1.0
+
+  task.reward = flaky
+  _, info = _train(built, tmp_path, task, steps=2)
+  assert info["steps"] == 2 and len(raised) == 32
+  rows = metrics_lib.read_metrics(os.path.join(tmp_path, "grpo"))
+  for row, flags in zip(rows, (raised[:16], raised[16:])):
+    n = sum(flags)
+    assert 0 < n < 16
+    assert row["reward_failures"] == n  # this step's failures, not a running total
+    assert row["reward_mean"] == pytest.approx((16 - n) / 16, abs=1e-12)
+
+
+def test_reward_failures_in_a_verifier_pool_do_not_stop_training(built, tmp_path):
+  # The workers rebuild the task from (name, kwargs); these kwargs make that raise for every
+  # item, while the loop's own task object is fine.
+  _, info = _train(built, tmp_path, _fresh_task(built[0]), steps=1, reward_workers=1,
+                   reward_timeout_s=30.0, task_kwargs={"ops": ("/",)})
+  assert info["steps"] == 1
+  row = metrics_lib.read_metrics(os.path.join(tmp_path, "grpo"))[0]
+  assert row["reward_mean"] == 0.0
+  assert row["reward_failures"] == 16
+
+
+# ------------------------------------------------------------------------ NaN guard
+
+
+def test_nan_loss_stops_before_the_checkpoint(built, tmp_path):
+  cfg, _, tokenizer, model_cfg, params = built
+  bad = jax.tree.map(lambda x: x, params)
+  bad["final_norm"] = bad["final_norm"] * np.nan
+  with pytest.raises(FloatingPointError, match=r"step 1: loss is nan"):
+    rl.train(model_cfg, cfg.grpo, str(tmp_path), task=_fresh_task(cfg), tokenizer=tokenizer,
+             params=bad, seed=cfg.seed, progress=False)
+  with ckpt_lib.CheckpointManager(os.path.join(tmp_path, "grpo")) as m:
+    assert m.latest_step() is None
+  assert metrics_lib.read_metrics(os.path.join(tmp_path, "grpo")) == []
+
+
+# ------------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("G", 1, "'G' must be >= 2"),
+    ("minibatches", 3, "'minibatches' must divide prompts_per_step \\* G \\(16\\)"),
+    ("loss", "ppo", "'loss' must be one of"),
+    ("kl", "k4", "'kl' must be k1, k2 or k3"),
+    ("adv_scale", "rank", "'adv_scale' must be one of"),
+    ("temperature", 0.0, "'temperature' must be > 0"),
+    ("beta", -0.1, "'beta' must be >= 0"),
+    ("steps", 0, "'steps' must be >= 1"),
+    ("mu", 0, "'mu' must be >= 1"),
+])
+def test_validate_names_the_field(built, field, value, message):
+  gcfg = copy.deepcopy(built[0].grpo)
+  rl.validate(gcfg)  # the test config itself is valid
+  gcfg[field] = value
+  with pytest.raises(ValueError, match=message):
+    rl.validate(gcfg)
+
+
+def test_train_rejects_a_bad_config_before_writing_anything(built, tmp_path):
+  with pytest.raises(ValueError, match="'G'"):
+    _train(built, tmp_path, built[1], G=1)
+  assert not os.path.exists(os.path.join(tmp_path, "grpo"))
