@@ -11,10 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 import zlib
 
 import jax
@@ -27,8 +23,6 @@ from r1jax import model as model_lib
 from r1jax import pipeline, rl
 
 import tiny_runs
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +53,7 @@ def _train(built, workdir, task, **overrides):
                   progress=False)
 
 
-def _leaves(tree):
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_leaves = tiny_runs.leaves
 
 
 # ------------------------------------------------------------------------ one step
@@ -136,61 +128,11 @@ def test_one_step_writes_finite_metrics(one_step):
 # ------------------------------------------------------------------------ resume
 
 
-def _wait_for_pause(proc, run_dir, step, checkpoint, timeout_s=300):
-  """Blocks until `run_dir` holds metrics of `step` and the finalised `checkpoint`."""
-  deadline = time.time() + timeout_s
-  ckpt = os.path.join(run_dir, "checkpoints", str(checkpoint))
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      out, err = proc.communicate()
-      pytest.fail(f"the run exited with {proc.returncode} before the kill point:\n{err[-3000:]}")
-    rows = metrics_lib.read_metrics(run_dir)
-    if os.path.isdir(ckpt) and any(r["step"] == step for r in rows):
-      return
-    time.sleep(0.05)
-  proc.kill()
-  pytest.fail(f"no metrics of step {step} and checkpoint {checkpoint} after {timeout_s} s")
-
-
-def run_killed_then_resumed(kind, workdir):
-  """Starts the `kind` run as a process, SIGKILLs it after step 3 (checkpoint 2 on disk),
-  then resumes it in this process to the end; returns (params, info)."""
-  proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tiny_runs.py"), kind,
-                           str(workdir), "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  try:
-    _wait_for_pause(proc, os.path.join(workdir, kind), step=3, checkpoint=2)
-  finally:
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-  assert proc.returncode == -signal.SIGKILL
-  with ckpt_lib.CheckpointManager(os.path.join(workdir, kind)) as m:
-    assert m.latest_step() == 2, "the kill must land between checkpoints 2 and 4"
-  assert max(r["step"] for r in metrics_lib.read_metrics(os.path.join(workdir, kind))) == 3
-  run = tiny_runs.run_grpo if kind == "grpo" else tiny_runs.run_sft
-  return run(str(workdir))
-
-
-def assert_same_run(kind, dir_a, params_a, dir_b, params_b):
-  a, b = _leaves(params_a), _leaves(params_b)
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{k} differs after resume"
-  rows_a = metrics_lib.read_metrics(os.path.join(dir_a, kind))
-  rows_b = metrics_lib.read_metrics(os.path.join(dir_b, kind))
-  assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-  for ra, rb in zip(rows_a, rows_b):
-    assert ra.keys() == rb.keys()
-    keep = [k for k in ra if not tiny_runs.is_timing_key(k)]
-    assert {k: ra[k] for k in keep} == {k: rb[k] for k in keep}, f"step {ra['step']}"
-
-
 def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
   params_a, info_a = tiny_runs.run_grpo(str(tmp_path / "a"))
-  params_b, info_b = run_killed_then_resumed("grpo", tmp_path / "b")
+  params_b, info_b = tiny_runs.run_killed_then_resumed("grpo", tmp_path / "b")
   assert info_a["steps"] == info_b["steps"] == 4
-  assert_same_run("grpo", tmp_path / "a", params_a, tmp_path / "b", params_b)
+  tiny_runs.assert_same_run("grpo", tmp_path / "a", params_a, tmp_path / "b", params_b)
   rows = metrics_lib.read_metrics(os.path.join(tmp_path / "b", "grpo"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 3 of the killed run written once
   # The resumed run continues the accumulated time split rather than restarting it.

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_PATH = os.path.join(REPO, "configs", "test_tiny.py")
@@ -69,9 +72,73 @@ def run_sft(workdir: str, cfg=None, **kwargs):
                    examples=traces, seed=cfg.seed, progress=False, **kwargs)
 
 
+def leaves(tree) -> dict:
+  """{path string: numpy array} of a pytree."""
+  import jax
+  import numpy as np
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _wait_for_pause(proc, run_dir, step, checkpoint, timeout_s):
+  """Blocks until `run_dir` holds the metrics line of `step` and finalised `checkpoint`."""
+  from r1jax import metrics as metrics_lib
+  deadline = time.time() + timeout_s
+  ckpt = os.path.join(run_dir, "checkpoints", str(checkpoint))
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      _, err = proc.communicate()
+      raise AssertionError(f"the run exited with {proc.returncode} before the kill point:\n"
+                           f"{err[-3000:]}")
+    if os.path.isdir(ckpt) and any(r["step"] == step for r in metrics_lib.read_metrics(run_dir)):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no metrics of step {step} and checkpoint {checkpoint} in {run_dir} "
+                       f"after {timeout_s} s")
+
+
+def run_killed_then_resumed(kind: str, workdir, timeout_s: float = 300.0):
+  """Runs `kind` ('grpo' | 'sft') as a process, SIGKILLs it once step 3 is logged and
+  checkpoint 2 is on disk, then resumes it in this process to the end; returns (params, info).
+  """
+  from r1jax import checkpoint as ckpt_lib
+  from r1jax import metrics as metrics_lib
+  workdir = str(workdir)
+  run_dir = os.path.join(workdir, kind)
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind, workdir, "3"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_pause(proc, run_dir, step=3, checkpoint=2, timeout_s=timeout_s)
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, proc.returncode
+  with ckpt_lib.CheckpointManager(run_dir) as m:
+    assert m.latest_step() == 2, f"the kill must land between checkpoints 2 and 4: {m.all_steps()}"
+  assert max(r["step"] for r in metrics_lib.read_metrics(run_dir)) == 3
+  return (run_grpo if kind == "grpo" else run_sft)(workdir)
+
+
+def assert_same_run(kind: str, dir_a, params_a, dir_b, params_b) -> None:
+  """Bitwise-equal parameters; metrics rows equal in every key but the timing ones."""
+  import numpy as np
+  from r1jax import metrics as metrics_lib
+  a, b = leaves(params_a), leaves(params_b)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{k} differs after resume"
+  rows_a = metrics_lib.read_metrics(os.path.join(dir_a, kind))
+  rows_b = metrics_lib.read_metrics(os.path.join(dir_b, kind))
+  assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+  for ra, rb in zip(rows_a, rows_b):
+    assert ra.keys() == rb.keys()
+    keep = [k for k in ra if not is_timing_key(k)]
+    assert {k: ra[k] for k in keep} == {k: rb[k] for k in keep}, f"step {ra['step']}"
+
+
 def _pause_after(step: int) -> None:
   """Makes every MetricsWriter sleep right after writing the line of `step`."""
-  import time
   from r1jax import metrics as metrics_lib
   write = metrics_lib.MetricsWriter.write
 
