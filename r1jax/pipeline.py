@@ -74,6 +74,7 @@ def run(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   task, tokenizer, model_cfg = build(cfg)
+  rl.validate(cfg.grpo)  # a bad GRPO config stops here, not after the cold start
   stages = _load_stages(workdir)
   stages.setdefault("wall_time_before_s", 0.0)
   with open(os.path.join(workdir, "config.json"), "w") as f:
