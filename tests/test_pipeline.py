@@ -1,0 +1,117 @@
+"""Tests of the cold-start -> GRPO -> control pipeline (r1jax/pipeline.py), in-process.
+
+A finished pipeline restarted on its workdir trains and evaluates nothing again and reports
+the same figures; its cold-start stage is exactly a standalone SFT run; latest_params
+prefers the GRPO checkpoint; build() sizes the vocabulary from the tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from r1jax import evaluate as eval_lib
+from r1jax import metrics as metrics_lib
+from r1jax import pipeline
+from r1jax import tokenizer as tokenizer_lib
+
+import tiny_runs
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "data")
+
+
+def test_build_sizes_the_vocab_from_the_tokenizer():
+  cfg = tiny_runs.load_config()
+  task, tokenizer, model_cfg = pipeline.build(cfg)
+  assert model_cfg.vocab_size == tokenizer.vocab_size
+  assert cfg.model.vocab_size == 256  # the config's own field is left alone
+  # char+words: one token per alphabet character and per R1 tag / template part, + specials.
+  alphabet = task.alphabet()
+  assert all(len(tokenizer.encode(ch)) == 1 for ch in alphabet)
+  assert len(tokenizer.encode("<think>")) == 1
+  assert tokenizer.vocab_size > len(alphabet)
+
+  path = os.path.join(FIXTURES, "gsm8k_tiny.jsonl")
+  task, tokenizer, model_cfg = pipeline.build(tiny_runs.load_config(f"gsm8k={path}"))
+  assert task.name == "gsm8k" and isinstance(tokenizer, tokenizer_lib.ByteTokenizer)
+  assert model_cfg.vocab_size == tokenizer.vocab_size
+
+
+def test_build_rejects_an_unknown_task_option():
+  cfg = tiny_runs.load_config()
+  cfg.task.kwargs.digits = 3
+  with pytest.raises(ValueError, match=r"task 'arithmetic' has no option\(s\) \['digits'\]"):
+    pipeline.build(cfg)
+
+
+def test_traces_come_from_the_overridden_task():
+  cfg = tiny_runs.load_config()
+  traces = pipeline.trace_task(cfg).examples("train", 64, seed=cfg.seed)
+  task, _, _ = pipeline.build(cfg)
+  train = task.examples("train", 64, seed=cfg.seed)
+
+  def operand_digits(ex):
+    return {len(x) for x in ex.question.split("+")}
+
+  assert set().union(*map(operand_digits, traces)) == {2}
+  assert 3 in set().union(*map(operand_digits, train))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  summary = pipeline.run(tiny_runs.load_config(), workdir)
+  return workdir, summary
+
+
+def _line_counts(workdir):
+  return {name: len(metrics_lib.read_metrics(os.path.join(workdir, name)))
+          for name in ("sft", "grpo", "sft_control")}
+
+
+def test_restart_of_a_finished_pipeline_redoes_nothing(finished, monkeypatch):
+  workdir, summary = finished
+  lines = _line_counts(workdir)
+  assert lines["sft"] == 4 and lines["grpo"] == 2 and lines["sft_control"] >= 1
+
+  def no_eval(*args, **kwargs):
+    raise AssertionError("a finished evaluation was run again")
+
+  monkeypatch.setattr(eval_lib, "evaluate", no_eval)
+  again = pipeline.run(tiny_runs.load_config(), workdir)
+  assert _line_counts(workdir) == lines
+  timing = {"wall_time_s"}
+  assert {k: v for k, v in again.items() if k not in timing} == \
+         {k: v for k, v in summary.items() if k not in timing}
+  assert again["wall_time_s"] > summary["wall_time_s"]  # wall time accumulates over restarts
+  assert json.load(open(os.path.join(workdir, "summary.json")))["wall_time_s"] == \
+      pytest.approx(again["wall_time_s"])
+
+
+def test_cold_start_equals_a_standalone_sft_run(finished, tmp_path):
+  workdir, _ = finished
+  cfg = tiny_runs.load_config()
+  _, _, model_cfg = pipeline.build(cfg)
+  sft_only = str(tmp_path / "sft_only")
+  shutil.copytree(os.path.join(workdir, "sft"), os.path.join(sft_only, "sft"))
+  from_pipeline = pipeline.latest_params(cfg, sft_only, model_cfg)
+  standalone, _ = tiny_runs.run_sft(str(tmp_path / "standalone"), cfg)
+  a, b = tiny_runs.leaves(from_pipeline), tiny_runs.leaves(standalone)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_latest_params_prefers_grpo_over_sft(finished, tmp_path):
+  workdir, _ = finished
+  cfg = tiny_runs.load_config()
+  _, _, model_cfg = pipeline.build(cfg)
+  sft_only = str(tmp_path / "sft_only")
+  shutil.copytree(os.path.join(workdir, "sft"), os.path.join(sft_only, "sft"))
+  grpo = tiny_runs.leaves(pipeline.latest_params(cfg, workdir, model_cfg))
+  sft = tiny_runs.leaves(pipeline.latest_params(cfg, sft_only, model_cfg))
+  assert any(not np.array_equal(grpo[k], sft[k]) for k in grpo)
+  with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
+    pipeline.latest_params(cfg, str(tmp_path / "empty"), model_cfg)
