@@ -10,6 +10,8 @@ written, checkpoints resumed, errors raised).
 Arguments: seed (int), mode (pipeline|sft|grpo|eval), gsm8k (a GSM8K-style JSONL path: the
 task becomes 'gsm8k' on that file for both splits, byte tokenizer; empty = arithmetic).
 """
+from __future__ import annotations
+
 import ml_collections
 
 from r1jax import config as config_lib

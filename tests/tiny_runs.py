@@ -90,7 +90,11 @@ def _wait_for_pause(proc, run_dir, step, checkpoint, timeout_s):
       _, err = proc.communicate()
       raise AssertionError(f"the run exited with {proc.returncode} before the kill point:\n"
                            f"{err[-3000:]}")
-    if os.path.isdir(ckpt) and any(r["step"] == step for r in metrics_lib.read_metrics(run_dir)):
+    # Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when complete.
+    pending = [n for n in os.listdir(os.path.dirname(ckpt)) if n.startswith(f"{checkpoint}.")] \
+        if os.path.isdir(os.path.dirname(ckpt)) else []
+    if (os.path.isdir(ckpt) and not pending
+        and any(r["step"] == step for r in metrics_lib.read_metrics(run_dir))):
       return
     time.sleep(0.05)
   raise AssertionError(f"no metrics of step {step} and checkpoint {checkpoint} in {run_dir} "
