@@ -205,12 +205,11 @@ def decode_params(params, cfg) -> dict:
   * Layers are unstacked into a list, so the unrolled decode step reads each layer's
     weights in place (a scan over stacked weights slices them out every step).
   * Floating weights are cast to cfg.dtype (the router stays float32), as `model.forward`.
-  * With moe_impl='dense' (every token through every expert), the routed experts become
-    two [D, E*F] matrices and one [E*F, D] matrix, so the MoE is three plain GEMMs:
-    y = ((silu(x W_gate) * (x W_up)) * g) W_down, where g [T, E*F] repeats each token's
-    gate weight over its expert's F columns (0 off its top-K). This is the dense oracle's
-    arithmetic without its per-step weight transposes. Other moe_impl values run
-    `moe.moe_ffn` unchanged.
+  * With moe_impl='dense' (every token through every expert) decode runs the experts as
+    matmuls batched over E with the tokens broadcast ([E, T, D] x [E, D, F]), then
+    y = sum_e,f (h * g)[e, t, f] W_down[e, f, :] with g the token's gate weight for e (0 off
+    its top-K): the dense oracle's arithmetic, laid out so no weight is transposed.
+    Other moe_impl values run `moe.moe_ffn` unchanged.
   """
   dtype = model._DTYPES[cfg.dtype]
   def cast(path, x):
@@ -226,27 +225,24 @@ def decode_params(params, cfg) -> dict:
     for i in range(n):
       layer = jax.tree.map(lambda x: x[i], params[name])
       if name == "moe_layers" and cfg.moe_impl == "dense":
-        ex = layer["moe"].pop("experts")
-        e, d, f = ex["w_gate"].shape
-        layer["moe"]["gemm"] = {
-            "w_gate_DxEF": jnp.transpose(ex["w_gate"], (1, 0, 2)).reshape(d, e * f),
-            "w_up_DxEF": jnp.transpose(ex["w_up"], (1, 0, 2)).reshape(d, e * f),
-            "w_down_EFxD": ex["w_down"].reshape(e * f, d)}
+        layer["moe"]["batched"] = layer["moe"].pop("experts")
       out["layers"].append(layer)
   return out
 
 
-def _moe_gemm(p: dict, x_TxD, cfg):
-  """Routed (as three GEMMs, see decode_params) + shared experts for decode tokens."""
-  t = x_TxD.shape[0]
-  e, f = cfg.n_routed_experts, cfg.moe_intermediate_size
+def _moe_batched(p: dict, x_TxD, cfg):
+  """Routed (every token through every expert, see decode_params) + shared experts."""
+  t, d = x_TxD.shape
+  e = cfg.n_routed_experts
   idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
   combine_TxE = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32),
-                           weights_TxK)
-  g = p["gemm"]
-  h_TxEF = jax.nn.silu(x_TxD @ g["w_gate_DxEF"]) * (x_TxD @ g["w_up_DxEF"])
-  h_TxExF = h_TxEF.reshape(t, e, f) * combine_TxE.astype(x_TxD.dtype)[:, :, None]
-  y_TxD = h_TxExF.reshape(t, e * f) @ g["w_down_EFxD"]
+                           weights_TxK).astype(x_TxD.dtype)
+  w = p["batched"]
+  x_ExTxD = jnp.broadcast_to(x_TxD[None], (e, t, d))
+  gate_ExTxF = jax.nn.silu(jnp.einsum("etd,edf->etf", x_ExTxD, w["w_gate"]))
+  h_ExTxF = gate_ExTxF * jnp.einsum("etd,edf->etf", x_ExTxD, w["w_up"])
+  h_ExTxF = h_ExTxF * combine_TxE.T[:, :, None]
+  y_TxD = jnp.einsum("etf,efd->td", h_ExTxF, w["w_down"])
   if "shared" in p:
     y_TxD = y_TxD + swiglu(x_TxD, p["shared"])
   return y_TxD
@@ -279,8 +275,8 @@ def decode_layers(dparams: dict, cfg, tokens_B, positions_B, caches: list):
     x_BxD = rms_norm(h_Bx1xD, p["mlp_norm"], cfg.rms_norm_eps)[:, 0]
     if "mlp" in p:
       y_BxD = swiglu(x_BxD, p["mlp"])
-    elif "gemm" in p["moe"]:
-      y_BxD = _moe_gemm(p["moe"], x_BxD, cfg)
+    elif "batched" in p["moe"]:
+      y_BxD = _moe_batched(p["moe"], x_BxD, cfg)
     else:
       y_BxD = moe.moe_ffn(p["moe"], x_BxD[:, None, :], jnp.ones((b, 1), bool), cfg)[0][:, 0]
     h_Bx1xD = h_Bx1xD + y_BxD[:, None, :]

@@ -84,7 +84,7 @@ def test_greedy_equals_teacher_forced_argmax():
 def test_prefill_then_decode_equals_full_forward(moe_impl):
   """Mixed prompt lengths: prefill + 5 single-token steps give the full forward's logits.
 
-  moe_impl 'dense' decodes with the GEMM re-layout of the experts, 'ragged' through moe_ffn.
+  moe_impl 'dense' decodes with the experts batched over E, 'ragged' through moe_ffn.
   """
   cfg, params = _load("v3")
   dcfg = sampler.decode_config(cfg)
