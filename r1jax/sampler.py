@@ -205,11 +205,9 @@ def decode_params(params, cfg) -> dict:
   * Layers are unstacked into a list, so the unrolled decode step reads each layer's
     weights in place (a scan over stacked weights slices them out every step).
   * Floating weights are cast to cfg.dtype (the router stays float32), as `model.forward`.
-  * With moe_impl='dense' (every token through every expert) decode runs the experts as
-    matmuls batched over E with the tokens broadcast ([E, T, D] x [E, D, F]), then
-    y = sum_e,f (h * g)[e, t, f] W_down[e, f, :] with g the token's gate weight for e (0 off
-    its top-K): the dense oracle's arithmetic, laid out so no weight is transposed.
-    Other moe_impl values run `moe.moe_ffn` unchanged.
+  * With moe_impl='dense' the routed experts are kept [E, ...] under 'batched' and decode
+    runs them with `moe_decode` (exact expert-major dispatch, matmuls batched over E, no
+    weight transposed); other moe_impl values run `moe.moe_ffn` unchanged.
   """
   dtype = model._DTYPES[cfg.dtype]
   def cast(path, x):
@@ -230,19 +228,53 @@ def decode_params(params, cfg) -> dict:
   return out
 
 
-def _moe_batched(p: dict, x_TxD, cfg):
-  """Routed (every token through every expert, see decode_params) + shared experts."""
+def expert_capacity(tokens: int, cfg) -> int:
+  """Token slots per expert for decode: twice the mean load, a multiple of 8, at least 8."""
+  mean = tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
+  return int(min(tokens, max(8, -(-2 * mean // 8) * 8)))
+
+
+def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
+  """Routed + shared experts for a few decode tokens, exactly (no token is ever dropped).
+
+  Expert-major: each expert e gathers the tokens routed to it into `capacity` slots
+  ([E, c, D], one-hot dispatch), runs its SwiGLU as matmuls batched over E, and the outputs
+  are combined with the gate weights. If any expert receives more than c tokens this step,
+  every token goes through every expert instead (the dense oracle's arithmetic), chosen
+  with lax.cond, so results never depend on the capacity. c defaults to
+  `expert_capacity(T, cfg)`; when c >= T the dense form is used directly.
+  """
   t, d = x_TxD.shape
   e = cfg.n_routed_experts
+  c = expert_capacity(t, cfg) if capacity is None else int(capacity)
   idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
-  combine_TxE = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32),
-                           weights_TxK).astype(x_TxD.dtype)
+  onehot_TxKxE = jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32)
+  combine_TxE = jnp.einsum("tke,tk->te", onehot_TxKxE, weights_TxK).astype(x_TxD.dtype)
   w = p["batched"]
-  x_ExTxD = jnp.broadcast_to(x_TxD[None], (e, t, d))
-  gate_ExTxF = jax.nn.silu(jnp.einsum("etd,edf->etf", x_ExTxD, w["w_gate"]))
-  h_ExTxF = gate_ExTxF * jnp.einsum("etd,edf->etf", x_ExTxD, w["w_up"])
-  h_ExTxF = h_ExTxF * combine_TxE.T[:, :, None]
-  y_TxD = jnp.einsum("etf,efd->td", h_ExTxF, w["w_down"])
+
+  def swiglu_batched(x_ExCxD):
+    gate_ExCxF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ExCxD, w["w_gate"]))
+    return gate_ExCxF * jnp.einsum("ecd,edf->ecf", x_ExCxD, w["w_up"])
+
+  def dense(_):
+    h_ExTxF = swiglu_batched(jnp.broadcast_to(x_TxD[None], (e, t, d)))
+    return jnp.einsum("etf,efd->td", h_ExTxF * combine_TxE.T[:, :, None], w["w_down"])
+
+  def dispatched(_):
+    sel_TxE = onehot_TxKxE.sum(axis=1) > 0
+    slot_TxE = jnp.cumsum(sel_TxE, axis=0) - 1
+    disp_ExCxT = ((slot_TxE.T[:, None, :] == jnp.arange(c)[None, :, None])
+                  & sel_TxE.T[:, None, :]).astype(x_TxD.dtype)
+    y_ExCxD = jnp.einsum("ecf,efd->ecd",
+                         swiglu_batched(jnp.einsum("ect,td->ecd", disp_ExCxT, x_TxD)),
+                         w["w_down"])
+    return jnp.einsum("ect,ecd->td", disp_ExCxT * combine_TxE.T[:, None, :], y_ExCxD)
+
+  if c >= t:
+    y_TxD = dense(None)
+  else:
+    fits = jnp.all(jnp.sum(onehot_TxKxE, axis=(0, 1)) <= c)
+    y_TxD = jax.lax.cond(fits, dispatched, dense, None)
   if "shared" in p:
     y_TxD = y_TxD + swiglu(x_TxD, p["shared"])
   return y_TxD
@@ -276,7 +308,7 @@ def decode_layers(dparams: dict, cfg, tokens_B, positions_B, caches: list):
     if "mlp" in p:
       y_BxD = swiglu(x_BxD, p["mlp"])
     elif "batched" in p["moe"]:
-      y_BxD = _moe_batched(p["moe"], x_BxD, cfg)
+      y_BxD = moe_decode(p["moe"], x_BxD, cfg)
     else:
       y_BxD = moe.moe_ffn(p["moe"], x_BxD[:, None, :], jnp.ones((b, 1), bool), cfg)[0][:, 0]
     h_Bx1xD = h_Bx1xD + y_BxD[:, None, :]

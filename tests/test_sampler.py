@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import hf, model, sampler, sharding
+from r1jax import hf, model, moe, sampler, sharding
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PROMPTS = [[17, 200, 31], [5, 9, 250, 77, 3, 140, 66], [101], [42, 43, 44, 45, 46]]
@@ -104,6 +104,23 @@ def test_prefill_then_decode_equals_full_forward(moe_impl):
     pos = lengths + i
     logits, cache = step(params, jnp.asarray(seq_BxL[rows, pos]), jnp.asarray(pos), cache)
     np.testing.assert_allclose(np.asarray(logits), full[rows, pos], atol=1e-4, rtol=1e-4)
+
+
+def test_moe_decode_equals_moe_ffn():
+  """Expert-major dispatch with capacity, and its dense fallback, equal the dense oracle."""
+  cfg, params = _load("v3")
+  layer = sampler.decode_params(params, cfg)["layers"][1]  # the first MoE layer
+  x_TxD = jax.random.normal(jax.random.key(0), (32, cfg.hidden_size))
+  moe_p = jax.tree.map(lambda w: w[0], params["moe_layers"]["moe"])
+  want = np.asarray(moe.moe_ffn(moe_p, x_TxD[None], jnp.ones((1, 32), bool), cfg)[0][0])
+  idx, _, _ = moe.route(moe_p["router"], x_TxD, cfg)
+  max_load = int(np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts).max())
+  assert 1 < max_load < 32
+  for capacity in (max_load, max_load - 1, 32, None):  # fits, overflows -> dense, dense, default
+    got = np.asarray(sampler.moe_decode(layer["moe"], x_TxD, cfg, capacity=capacity))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert sampler.expert_capacity(16, cfg) == 8 and sampler.expert_capacity(64, cfg) == 32
+  assert sampler.expert_capacity(4, cfg) == 4
 
 
 def test_cache_holds_only_latents():
