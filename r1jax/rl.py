@@ -36,7 +36,7 @@ from r1jax import evaluate as eval_lib
 from r1jax import grpo, optim, sampler
 from r1jax import metrics as metrics_lib
 from r1jax import model as model_lib
-from r1jax.sft import check_finite
+from r1jax.sft import check_finite, check_params_finite, global_norm
 from r1jax.tasks import base as task_base
 from r1jax.tasks import remote
 
@@ -140,7 +140,7 @@ def make_update_step(model_cfg, gcfg, optimizer):
     (loss, (m, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optim.apply_updates(state["params"], updates, load, model_cfg.router_bias_update_rate)
-    m = dict(m, loss=loss, grad_norm=jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+    m = dict(m, loss=loss, grad_norm=global_norm(grads))
     if load is not None:
       m["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
     return dict(state, params=params, opt_state=opt_state), m
@@ -318,6 +318,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       writer.write(step, m_host)
       bar.update(step, m_host)
       if step % gcfg.checkpoint_every == 0 or step == gcfg.steps:
+        check_params_finite(step, state["params"])
         manager.save(step, state, data_state={"iterator": it.get_state(), "times": times})
   finally:
     manager.wait()

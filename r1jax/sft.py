@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from r1jax import checkpoint as ckpt_lib
 from r1jax import data as data_lib
@@ -48,12 +47,29 @@ def make_train_step(model_cfg, optimizer):
     load = m.get("tokens_per_expert")
     params = optim.apply_updates(state["params"], updates, load, model_cfg.router_bias_update_rate)
     out = {"loss": loss, "nll": m["nll_sum"] / jnp.maximum(m["tokens"], 1.0),
-           "grad_norm": optax.global_norm(grads), "tokens": m["tokens"]}
+           "grad_norm": global_norm(grads), "tokens": m["tokens"]}
     if load is not None:
       out["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
 
   return jax.jit(step, donate_argnums=0)
+
+
+def global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+def check_params_finite(step: int, params) -> None:
+  """Refuses to checkpoint parameters holding NaN/Inf (the loss only sees them one step later)."""
+  if not bool(_all_finite(params)):
+    raise FloatingPointError(f"step {step}: the parameters contain NaN or Inf; stopping without "
+                             "saving them (lower the learning rate, or check the data)")
 
 
 def check_finite(step: int, metrics: dict, what: str = "loss") -> None:
@@ -116,8 +132,10 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
       emit(late.push(step, m))
       if step % scfg.checkpoint_every == 0 or step == total:
         emit(late.flush())
+        check_params_finite(step, state["params"])
         manager.save(step, state, data_state={"iterator": it.get_state(), "elapsed_s": elapsed})
     emit(late.flush())
+    check_params_finite(step, state["params"])
     manager.save(step, state, data_state={"iterator": it.get_state(), "elapsed_s": elapsed},
                  force=True)
   finally:
