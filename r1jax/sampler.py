@@ -17,9 +17,10 @@ slots <= q, so the prefill's padding slots are overwritten before anything reads
 Decode uses the absorbed attention path (W_UK folded into the query, W_UV after the
 weighted sum, DeepSeek-V2 appendix C), and a `lax.while_loop` that stops as soon as every
 row has emitted an end-of-sequence id. The decode step is the model's block unrolled over
-layers on parameters re-laid-out once per rollout (`decode_params`): a scan over stacked
-weights, and the dense MoE's einsums, would copy or transpose every weight at every step,
-which on CPU costs more than the step's arithmetic. Tests hold it to the full forward.
+layers on parameters unstacked once per rollout (`decode_params`), with the routed experts
+run expert-major (`moe_decode`): a scan over stacked weights, and the dense MoE's einsums,
+would copy or transpose every weight at every step, which on CPU costs more than the
+step's arithmetic. Tests hold the decode step to the full forward and to HF's generate.
 
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k
 (keep the k largest), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text
