@@ -119,7 +119,8 @@ def test_diverging_run_stops_naming_the_step_and_keeps_older_checkpoints(built, 
   scfg = copy.deepcopy(cfg.sft)
   scfg.steps, scfg.checkpoint_every = 6, 1
   scfg.optimizer.lr, scfg.optimizer.grad_clip = 1e30, 0.0
-  with pytest.raises(FloatingPointError, match=r"step (\d+): loss is (nan|inf|-inf)") as err:
+  with pytest.raises(FloatingPointError,
+                     match=r"step (\d+): (loss is (nan|inf|-inf)|the parameters contain NaN)") as err:
     sft.train(model_cfg, scfg, str(tmp_path), task=task, tokenizer=tokenizer, params=params,
               examples=traces, progress=False)
   bad_step = int(str(err.value).split(":")[0].split()[1])
@@ -127,7 +128,7 @@ def test_diverging_run_stops_naming_the_step_and_keeps_older_checkpoints(built, 
   with ckpt_lib.CheckpointManager(os.path.join(tmp_path, "sft")) as m:
     assert m.latest_step() is not None and m.latest_step() < bad_step
   rows = metrics_lib.read_metrics(os.path.join(tmp_path, "sft"))
-  assert rows and max(r["step"] for r in rows) < bad_step
+  assert rows and max(r["step"] for r in rows) <= bad_step  # a row holds the loss of the step before
   assert all(np.isfinite(r["loss"]) for r in rows)
 
 
