@@ -9,7 +9,8 @@ One step:
      refill from new prompts (DAPO's dynamic sampling);
   4. mu epochs over `minibatches` minibatches of the clipped policy loss (grpo.py), AdamW with
      warmup + cosine and global-norm clipping;
-  5. the router's correction biases follow the observed expert loads (aux-loss-free).
+  5. optionally (router_bias_update_rate > 0) the router's correction biases follow the
+     observed expert loads; the default keeps them frozen, as V3 did late in pre-training.
 A frozen reference model anchors the KL term (beta > 0), optionally reset to the policy
 every `ref_reset_every` steps. Departures from the paper: rewards are whatever the task
 defines (binary accuracy for the built-in tasks, no separate format reward unless configured)
@@ -65,6 +66,8 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.max_refills = 2            # extra prompt batches per step for dynamic sampling
   c.ref_reset_every = 0        # copy the policy into the reference every N steps (0 = never)
   c.logprob_chunk = 2048       # tokens per chunk for log-probs (never [B, L, V] logits)
+  c.router_bias_update_rate = 0.0  # u during RL; V3 froze the biases (u = 0) at the end of
+                                   # pre-training, and moving them shifts routing under the policy
   c.reward_workers = 0         # 0 = score in-process; > 0 = VerifierPool processes
   c.reward_timeout_s = 10.0    # per-item deadline in the pool
   c.checkpoint_every = 25
@@ -139,7 +142,7 @@ def make_update_step(model_cfg, gcfg, optimizer):
   def update(state, mb):
     (loss, (m, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optim.apply_updates(state["params"], updates, load, model_cfg.router_bias_update_rate)
+    params = optim.apply_updates(state["params"], updates, load, gcfg.router_bias_update_rate)
     m = dict(m, loss=loss, grad_norm=global_norm(grads))
     if load is not None:
       m["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
