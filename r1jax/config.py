@@ -57,6 +57,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.mtp_lambda = 0.3                # lambda, MTP loss weight
   c.attention_impl = "naive"        # 'naive' or 'absorbed'
   c.moe_impl = "dense"              # 'dense' (oracle), 'ragged' or 'pallas'
+  c.scan_layers = True              # lax.scan over layers; False unrolls (shallow CPU models)
   c.param_dtype = "float32"
   c.dtype = "float32"               # compute dtype; the router always runs in float32
   c.init_std = 0.02

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import rope
-from r1jax.layers import ParamSpec, rms_norm
+from r1jax.layers import ParamSpec, dense, rms_norm
 
 _NEG_INF = -1e30
 
@@ -45,10 +45,10 @@ def param_specs(cfg) -> dict:
 def project_queries(p: dict, x_BxLxD, positions_BxL, cfg):
   """Returns (q_nope [B, L, H, N], q_rope [B, L, H, R]) with RoPE applied."""
   if cfg.q_lora_rank > 0:
-    cq_BxLxQ = rms_norm(x_BxLxD @ p["wq_a"], p["q_norm"], cfg.rms_norm_eps)
-    q_BxLxHxK = jnp.einsum("blq,qhk->blhk", cq_BxLxQ, p["wq_b"])
+    cq_BxLxQ = rms_norm(dense(x_BxLxD, p["wq_a"]), p["q_norm"], cfg.rms_norm_eps)
+    q_BxLxHxK = dense(cq_BxLxQ, p["wq_b"])
   else:
-    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, p["wq"])
+    q_BxLxHxK = dense(x_BxLxD, p["wq"])
   q_nope = q_BxLxHxK[..., :cfg.qk_nope_head_dim]
   q_rope = rope.apply_rope(q_BxLxHxK[..., cfg.qk_nope_head_dim:], positions_BxL, cfg)
   return q_nope, q_rope
@@ -56,7 +56,7 @@ def project_queries(p: dict, x_BxLxD, positions_BxL, cfg):
 
 def project_kv(p: dict, x_BxLxD, positions_BxL, cfg):
   """Returns the cacheable latents (c_kv [B, L, C] normed, k_rope [B, L, R] rotated)."""
-  kv_BxLxCR = x_BxLxD @ p["wkv_a"]
+  kv_BxLxCR = dense(x_BxLxD, p["wkv_a"])
   ckv_BxLxC = rms_norm(kv_BxLxCR[..., :cfg.kv_lora_rank], p["kv_norm"], cfg.rms_norm_eps)
   krope_BxLxR = rope.apply_rope(kv_BxLxCR[..., cfg.kv_lora_rank:], positions_BxL, cfg)
   return ckv_BxLxC, krope_BxLxR
@@ -76,7 +76,7 @@ def attend(p: dict, q_nope_BxLxHxN, q_rope_BxLxHxR, ckv_BxSxC, krope_BxSxR, mask
   dtype = q_nope_BxLxHxN.dtype
   rope_scores = jnp.einsum("blhr,bsr->bhls", q_rope_BxLxHxR, krope_BxSxR)
   if impl == "naive":
-    kv_BxSxHxK = jnp.einsum("bsc,chk->bshk", ckv_BxSxC, p["wkv_b"])
+    kv_BxSxHxK = dense(ckv_BxSxC, p["wkv_b"])
     k_nope_BxSxHxN, v_BxSxHxA = kv_BxSxHxK[..., :n], kv_BxSxHxK[..., n:]
     scores_BxHxLxS = jnp.einsum("blhn,bshn->bhls", q_nope_BxLxHxN, k_nope_BxSxHxN) + rope_scores
     probs = _softmax(scores_BxHxLxS * scale, mask_BxLxS).astype(dtype)
@@ -90,7 +90,7 @@ def attend(p: dict, q_nope_BxLxHxN, q_rope_BxLxHxR, ckv_BxSxC, krope_BxSxR, mask
     out_BxLxHxA = jnp.einsum("blhc,cha->blha", o_lat_BxLxHxC, w_uv_CxHxA)
   else:
     raise ValueError(f"unknown attention_impl {impl!r}; expected 'naive' or 'absorbed'")
-  return jnp.einsum("blha,had->bld", out_BxLxHxA, p["wo"])
+  return dense(out_BxLxHxA, p["wo"], 2)
 
 
 def self_attention(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, cfg):

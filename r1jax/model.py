@@ -25,7 +25,8 @@ import numpy as np
 
 from r1jax import config as config_lib
 from r1jax import mla, moe
-from r1jax.layers import ParamSpec, init_from_specs, is_spec, rms_norm, stack_specs, swiglu, swiglu_specs
+from r1jax.layers import (ParamSpec, dense, init_from_specs, is_spec, rms_norm, stack_specs, swiglu,
+                          swiglu_specs)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -154,16 +155,27 @@ def _cast(params, cfg):
 
 
 def _run_stack(layers_p, h, positions, mask, valid, cfg, kind):
+  """lax.scan over stacked layers (compile time flat in depth), or a Python loop when
+  cfg.scan_layers is False (faster backward on CPU for shallow models)."""
   def step(carry, layer_p):
     out, stats = _block(layer_p, carry, positions, mask, valid, cfg, kind)
     return out, stats
-  return jax.lax.scan(step, h, layers_p)
+  if cfg.scan_layers:
+    return jax.lax.scan(step, h, layers_p)
+  n = jax.tree.leaves(layers_p)[0].shape[0]
+  all_stats = []
+  for i in range(n):
+    h, stats = step(h, jax.tree.map(lambda x, i=i: x[i], layers_p))
+    all_stats.append(stats)
+  if all_stats[0] is None:
+    return h, None
+  return h, jax.tree.map(lambda *xs: jnp.stack(xs), *all_stats)
 
 
 def _head(params, h_BxLxD, norm_w, cfg):
   w_DxV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
   normed = rms_norm(h_BxLxD, norm_w, cfg.rms_norm_eps)
-  return jnp.einsum("bld,dv->blv", normed, w_DxV, preferred_element_type=jnp.float32)
+  return dense(normed, w_DxV, preferred_element_type=jnp.float32)
 
 
 def output_head(params, cfg):
@@ -220,7 +232,7 @@ def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg):
     emb = p["embed"][shifted]
     both = jnp.concatenate([rms_norm(emb, mod["enorm"], cfg.rms_norm_eps),
                             rms_norm(h_prev, mod["hnorm"], cfg.rms_norm_eps)], axis=-1)
-    h_k = both @ mod["eh_proj"]
+    h_k = dense(both, mod["eh_proj"])
     h_k, _ = _block(mod["block"], h_k, positions, mask, valid, cfg, kind)
     return (h_k, depth + 1), _head(p, h_k, mod["final_norm"], cfg)
   _, logits = jax.lax.scan(step, (h_BxLxD, jnp.int32(1)), p["mtp"])

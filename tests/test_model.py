@@ -209,3 +209,13 @@ def test_config_validation(overrides, field):
 def test_unknown_field_rejected():
   with pytest.raises(ValueError, match="hiden_size"):
     config_lib.make_model_config(hiden_size=3)
+
+
+def test_unrolled_layers_equal_scanned(setup):
+  cfg, params, tokens = setup
+  ref, ref_aux = _run(params, tokens)
+  ucfg = _cfg(scan_layers=False)
+  out, aux = jax.jit(lambda p, t: model.forward(p, t, ucfg))(params, tokens)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]),
+                                np.asarray(ref_aux["tokens_per_expert"]))
