@@ -346,3 +346,24 @@ def test_code_rewards_run_the_sandbox():
   assert not t.is_correct(half, tests=tests)
   m = base.get_task("mbpp", train_path=os.path.join(FIXTURES, "mbpp_tiny.jsonl"))
   assert [m.reward("", e.trace, **e.reward_kwargs()) for e in m.examples("train")] == [1.0, 1.0]
+
+
+def test_arithmetic_trace_slip_changes_only_traces_of_final_carry_sums():
+  from r1jax import tasks
+  clean = tasks.get_task("arithmetic", train_digits=(3, 3))
+  slip = tasks.get_task("arithmetic", train_digits=(3, 3), trace_slip_rate=0.7)
+  ex_clean, ex_slip = clean.examples("train", 300), slip.examples("train", 300)
+  slipped = 0
+  for a, b in zip(ex_clean, ex_slip):
+    assert (a.question, a.answer) == (b.question, b.answer)   # same problems and gold answers
+    assert clean.reward("", a.trace, **a.reward_kwargs()) == 1.0
+    if b.trace != a.trace:
+      slipped += 1
+      assert len(b.answer) == 4                                # only sums with a final carry
+      assert b.trace == a.trace.replace(f"<answer>{a.answer}<", f"<answer>{a.answer[1:]}<")
+      assert slip.reward("", b.trace, **b.reward_kwargs()) == 0.0
+  carries = sum(len(e.answer) == 4 for e in ex_clean)
+  assert 0.55 < slipped / carries < 0.85, (slipped, carries)
+  import pytest
+  with pytest.raises(ValueError, match="trace_slip_rate"):
+    tasks.get_task("arithmetic", trace_slip_rate=1.5)

@@ -21,6 +21,7 @@ text (`base.split_bucket`), and each split's generator rejects the other's probl
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Sequence
 
@@ -31,6 +32,11 @@ from r1jax.tasks import base
 OPS = ("+", "-", "*")
 _INT_RE = re.compile(r"\A-?\d+\Z")
 _MAX_TRIES = 1000
+
+
+def _unit_hash(key: str) -> float:
+  """A stable uniform number in [0, 1) for a string (blake2b, not the salted hash())."""
+  return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2.0**64
 
 
 def _digits_lsb(n: int, width: int) -> list[int]:
@@ -99,14 +105,22 @@ class ArithmeticTask(base.Task):
     train_size / test_size: length of each split's random-access source.
     test_fraction: share of the problem space reserved for 'test' by hashing.
     template: 'compact' (default), 'r1_zero' or a custom string with '{question}'.
+    trace_slip_rate: models an imperfect teacher for the cold-start traces: for this share
+      of the sums whose last column carries, the trace's <answer> drops the leading carry
+      digit (its <think> columns stay correct). Chosen per problem by a stable hash. Only
+      `trace` changes: the gold `answer`, rewards and evaluation always use the true sum.
   """
 
   name = "arithmetic"
 
   def __init__(self, ops: Sequence[str] = ("+",), train_digits=(2, 3), test_digits=(4, 4),
                train_size: int = 100_000, test_size: int = 1_000,
-               test_fraction: float = 0.1, template: str = "compact"):
+               test_fraction: float = 0.1, template: str = "compact",
+               trace_slip_rate: float = 0.0):
     super().__init__(template)
+    if not 0.0 <= trace_slip_rate <= 1.0:
+      raise ValueError(f"trace_slip_rate must be in [0, 1], got {trace_slip_rate}")
+    self.trace_slip_rate = float(trace_slip_rate)
     ops = tuple(ops)
     if not ops or any(o not in OPS for o in ops) or len(set(ops)) != len(ops):
       raise ValueError(f"ops must be distinct operators from {OPS}, got {ops!r}")
@@ -132,8 +146,12 @@ class ArithmeticTask(base.Task):
     if a < 0 or b < 0:
       raise ValueError("operands must be non-negative")
     answer = str(_APPLY[op](a, b))
+    traced = answer
+    final_carry = op == "+" and len(answer) > max(len(str(a)), len(str(b)))
+    if final_carry and self.trace_slip_rate > 0 and _unit_hash(f"slip/{a}{op}{b}") < self.trace_slip_rate:
+      traced = answer[1:]
     return base.Example(question=f"{a}{op}{b}", answer=answer,
-                        trace=base.format_response(_TRACES[op](a, b), answer), uid=uid)
+                        trace=base.format_response(_TRACES[op](a, b), traced), uid=uid)
 
   def _generate(self, split: str, rng: np.random.Generator, index: int) -> base.Example:
     for _ in range(_MAX_TRIES):
