@@ -4,11 +4,12 @@
   python -m r1jax.main --config=configs/r1_tiny.py:seed=1,runlocal=True --workdir=/tmp/r1_quick
 
 A DeepSeek-V3-shaped model (MLA with q-LoRA, 8 routed + 1 shared experts in 2 groups with
-sigmoid routing and aux-loss-free balancing) learns multi-digit addition written as column
-sums with carries. The cold start sees only `sft.num_traces` worked solutions of 2-3 digit
-problems; GRPO then trains on fresh 2-4 digit problems that carry only the answer. Held-out
-problems are 4-digit, longer than any trace. The control arm spends GRPO's wall-clock time on
-more SFT over the same traces.
+sigmoid routing and aux-loss-free balancing) learns 2-3 digit addition written as column
+sums with carries. The cold start sees only `sft.num_traces` worked solutions from an
+imperfect teacher: in 70% of the sums whose last column carries, its final answer drops the
+carry digit (the column work is right). GRPO then trains on fresh problems that carry only
+the verified answer. Held-out: 3-digit sums never seen in training. The control arm spends
+GRPO's wall-clock time on more SFT over the same traces, so it can only imitate the teacher.
 
 Arguments: seed (int), runlocal (bool: a much shorter smoke run), mode (pipeline|sft|grpo|eval).
 """
@@ -29,38 +30,42 @@ def get_config(arg=None):
   c.task.name = "arithmetic"
   c.task.tokenizer = "char+words"   # R1 tags and template parts are single tokens
   c.task.kwargs = ml_collections.ConfigDict(dict(
-      ops=("+",), train_digits=(2, 4), test_digits=(4, 4), test_size=1000))
-  c.task.trace_overrides = ml_collections.ConfigDict(dict(train_digits=(2, 3)))
+      ops=("+",), train_digits=(2, 3), test_digits=(3, 3), test_size=1000))
+  # The cold-start traces come from an imperfect teacher that drops the final carry digit
+  # of the answer in 70% of the sums that need one; rewards and evaluation use true sums.
+  c.task.trace_overrides = ml_collections.ConfigDict(dict(trace_slip_rate=0.7))
 
   c.model = presets.get(
       "tiny", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64,
       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
       intermediate_size=384, moe_intermediate_size=96, n_routed_experts=8, n_shared_experts=1,
       num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-      max_position_embeddings=128, moe_impl="ragged", attention_impl="naive")
+      max_position_embeddings=128, moe_impl="ragged", attention_impl="naive", scan_layers=False)
 
   c.sft = sft.sft_defaults()
   c.sft.num_traces = 500
-  c.sft.steps = 400
+  c.sft.steps = 800
   c.sft.batch_size = 16
   c.sft.seq_len = 128
-  c.sft.checkpoint_every = 200
+  c.sft.checkpoint_every = 400
   c.sft.optimizer.lr = 2e-3
   c.sft.optimizer.warmup_steps = 20
 
   c.grpo = rl.grpo_defaults()
-  c.grpo.steps = 120
-  c.grpo.prompts_per_step = 32
-  c.grpo.G = 8
+  c.grpo.steps = 80
+  c.grpo.prompts_per_step = 64
+  c.grpo.G = 4
+  c.grpo.dynamic_sampling = True    # train on groups with mixed outcomes only (DAPO)
+  c.grpo.max_refills = 3
   c.grpo.temperature = 1.0
   c.grpo.max_prompt_len = 16
-  c.grpo.max_new_tokens = 48
+  c.grpo.max_new_tokens = 40
   c.grpo.optimizer.lr = 1e-4
   c.grpo.checkpoint_every = 20
 
   c.eval = evaluate.eval_defaults()
   c.eval.num_problems = 256
-  c.eval.max_new_tokens = 48
+  c.eval.max_new_tokens = 40
 
   if a.runlocal:
     c.sft.steps, c.sft.num_traces, c.grpo.steps = 30, 64, 4
