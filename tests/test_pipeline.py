@@ -103,14 +103,17 @@ def test_cold_start_equals_a_standalone_sft_run(finished, tmp_path):
   assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_latest_params_prefers_grpo_over_sft(finished, tmp_path):
+def test_latest_params_prefers_grpo_over_sft(finished, tmp_path, capsys):
   workdir, _ = finished
   cfg = tiny_runs.load_config()
   _, _, model_cfg = pipeline.build(cfg)
   sft_only = str(tmp_path / "sft_only")
   shutil.copytree(os.path.join(workdir, "sft"), os.path.join(sft_only, "sft"))
-  grpo = tiny_runs.leaves(pipeline.latest_params(cfg, workdir, model_cfg))
-  sft = tiny_runs.leaves(pipeline.latest_params(cfg, sft_only, model_cfg))
-  assert any(not np.array_equal(grpo[k], sft[k]) for k in grpo)
+  # The tiny run's GRPO may leave the weights unchanged (all-equal reward groups), so check
+  # which checkpoint each call read rather than comparing values.
+  pipeline.latest_params(cfg, workdir, model_cfg)
+  assert f"loaded grpo checkpoint at step {cfg.grpo.steps}" in capsys.readouterr().out
+  pipeline.latest_params(cfg, sft_only, model_cfg)
+  assert f"loaded sft checkpoint at step {cfg.sft.steps}" in capsys.readouterr().out
   with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
     pipeline.latest_params(cfg, str(tmp_path / "empty"), model_cfg)
