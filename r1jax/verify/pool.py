@@ -32,11 +32,12 @@ import os
 import pickle
 import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
+
+from r1jax.verify import frames
 
 _LOG = logging.getLogger(__name__)
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,23 +45,14 @@ _LOG_FIRST = 20  # per reason, then every 100th
 
 
 def _write(fd: int, obj) -> None:
-  blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-  data = memoryview(struct.pack('>I', len(blob)) + blob)
-  while data:
-    data = data[os.write(fd, data):]
+  frames.write_blob(fd, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _read(fd: int):
-  def exact(n):
-    buf = b''
-    while len(buf) < n:
-      chunk = os.read(fd, n - len(buf))
-      if not chunk:
-        raise EOFError
-      buf += chunk
-    return buf
-  (size,) = struct.unpack('>I', exact(4))
-  return pickle.loads(exact(size))
+  blob = frames.read_blob_or_none(fd)
+  if blob is None:
+    raise EOFError
+  return pickle.loads(blob)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -125,10 +117,8 @@ class _Worker:
         stdout=subprocess.PIPE, cwd=_REPO_ROOT, env=env, start_new_session=True)
     self.in_fd = self.proc.stdin.fileno()
     self.out_fd = self.proc.stdout.fileno()
-    data = memoryview(struct.pack('>I', len(reward_blob)) + reward_blob)
     try:
-      while data:
-        data = data[os.write(self.in_fd, data):]
+      frames.write_blob(self.in_fd, reward_blob)
     except OSError:  # died at start-up: its stdout reaches EOF and the dispatcher replaces it
       pass
     self.ready = False
