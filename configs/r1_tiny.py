@@ -44,24 +44,24 @@ def get_config(arg=None):
 
   c.sft = sft.sft_defaults()
   c.sft.num_traces = 500
-  c.sft.steps = 720
+  c.sft.steps = 800
   c.sft.batch_size = 16
   c.sft.seq_len = 128
-  c.sft.checkpoint_every = 360
+  c.sft.checkpoint_every = 400
   c.sft.optimizer.lr = 2e-3
   c.sft.optimizer.warmup_steps = 20
 
   c.grpo = rl.grpo_defaults()
-  c.grpo.steps = 80
+  c.grpo.steps = 72
   c.grpo.prompts_per_step = 64
   c.grpo.G = 4
   c.grpo.dynamic_sampling = True    # train on groups with mixed outcomes only (DAPO)
-  c.grpo.max_refills = 2
+  c.grpo.max_refills = 3
   c.grpo.temperature = 1.0
   c.grpo.max_prompt_len = 16
   c.grpo.max_new_tokens = 40
   c.grpo.optimizer.lr = 1e-4
-  c.grpo.checkpoint_every = 20
+  c.grpo.checkpoint_every = 24
 
   c.eval = evaluate.eval_defaults()
   c.eval.num_problems = 256
