@@ -86,13 +86,6 @@ def param_shapes(cfg) -> dict:
   return jax.tree.map(lambda s: s.shape, param_specs(cfg), is_leaf=is_spec)
 
 
-def trainable_mask(params: dict) -> dict:
-  """False for the router correction biases: they move by `moe.update_router_bias` only."""
-  def is_trainable(path, _):
-    return not any(getattr(p, "key", None) == "bias" for p in path)
-  return jax.tree_util.tree_map_with_path(is_trainable, params)
-
-
 def router_biases(params: dict):
   return params["moe_layers"]["moe"]["router"]["bias"] if "moe_layers" in params else None
 

@@ -21,7 +21,7 @@ import jax
 from r1jax import evaluate as eval_lib
 from r1jax import metrics as metrics_lib
 from r1jax import model as model_lib
-from r1jax import presets, rl, sft
+from r1jax import rl, sft
 from r1jax import tokenizer as tokenizer_lib
 from r1jax.tasks import base as task_base
 

@@ -85,7 +85,7 @@ def validate(gcfg) -> None:
     if gcfg[field] < 1:
       raise ValueError(f"grpo config field {field!r} must be >= 1, got {gcfg[field]}")
   if gcfg.G < 2:
-    raise ValueError(f"grpo config field 'G' must be >= 2 (advantages compare within a group)")
+    raise ValueError("grpo config field 'G' must be >= 2 (advantages compare within a group)")
   if (gcfg.prompts_per_step * gcfg.G) % gcfg.minibatches:
     raise ValueError("grpo config field 'minibatches' must divide prompts_per_step * G "
                      f"({gcfg.prompts_per_step * gcfg.G})")

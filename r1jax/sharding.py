@@ -114,10 +114,6 @@ def _batch_axes(mesh, rules):
   return tuple(a for a in axes if a in mesh.shape)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def init_sharded_params(cfg, key, mesh: Mesh, rules: Mapping | None = None):
   """Shape-first sharded init: no host ever holds the full parameter set."""
   from r1jax import model
