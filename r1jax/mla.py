@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from r1jax import rope
 from r1jax.layers import ParamSpec, dense, rms_norm
 
-_NEG_INF = -1e30
+NEG_INF = -1e30  # masked scores (finite, so a fully masked row stays NaN-free)
 
 
 def param_specs(cfg) -> dict:
@@ -63,7 +63,7 @@ def project_kv(p: dict, x_BxLxD, positions_BxL, cfg):
 
 
 def _softmax(scores_BxHxLxS, mask_BxLxS):
-  scores = jnp.where(mask_BxLxS[:, None, :, :], scores_BxHxLxS.astype(jnp.float32), _NEG_INF)
+  scores = jnp.where(mask_BxLxS[:, None, :, :], scores_BxHxLxS.astype(jnp.float32), NEG_INF)
   return jax.nn.softmax(scores, axis=-1)
 
 
@@ -86,8 +86,10 @@ def attend(p: dict, q_nope_BxLxHxN, q_rope_BxLxHxR, ckv_BxSxC, krope_BxSxR, mask
     q_lat_BxLxHxC = jnp.einsum("blhn,chn->blhc", q_nope_BxLxHxN, w_uk_CxHxN)
     scores_BxHxLxS = jnp.einsum("blhc,bsc->bhls", q_lat_BxLxHxC, ckv_BxSxC) + rope_scores
     probs = _softmax(scores_BxHxLxS * scale, mask_BxLxS).astype(dtype)
-    o_lat_BxLxHxC = jnp.einsum("bhls,bsc->blhc", probs, ckv_BxSxC)
-    out_BxLxHxA = jnp.einsum("blhc,cha->blha", o_lat_BxLxHxC, w_uv_CxHxA)
+    # [B, H, L, C] is the batched-matmul layout of probs @ c_kv; asking XLA:CPU for
+    # [B, L, H, C] directly runs a slow generic dot (5x slower at decode shapes).
+    o_lat_BxHxLxC = jnp.einsum("bhls,bsc->bhlc", probs, ckv_BxSxC)
+    out_BxLxHxA = jnp.einsum("bhlc,cha->blha", o_lat_BxHxLxC, w_uv_CxHxA)
   else:
     raise ValueError(f"unknown attention_impl {impl!r}; expected 'naive' or 'absorbed'")
   return dense(out_BxLxHxA, p["wo"], 2)

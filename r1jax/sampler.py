@@ -8,19 +8,17 @@ log-probs, with the whole decode loop inside one `jax.jit`.
 Layout. Prompts are left-aligned: row b holds its prompt at positions 0..n_b-1, is padded to
 a bucketed width P, and its completion is written right after the prompt (from column n_b),
 so a row's computation never depends on other rows' lengths. Prefill runs the padded
-[B, P] batch once (positions 0..P-1) and fills a preallocated cache that holds only the
-MLA latents c_kv [C] and k_rope [R] per token per layer (DeepSeek-V2 section 2.1.3:
-(C + R) numbers, never per-head keys and values). The next-token logits of row b are read
-at index n_b - 1. Decode step t feeds row b's previous token at position n_b + t - 1;
-`model.forward_with_cache` writes its latents at slot = position and lets a query at q see
-slots <= q, so the prefill's padding slots are overwritten before anything reads them.
-Decode uses the absorbed attention path (W_UK folded into the query, W_UV after the
-weighted sum, DeepSeek-V2 appendix C), and a `lax.while_loop` that stops as soon as every
-row has emitted an end-of-sequence id. The decode step is the model's block unrolled over
-layers on parameters unstacked once per rollout (`decode_params`), with the routed experts
-run expert-major (`moe_decode`): a scan over stacked weights, and the dense MoE's einsums,
-would copy or transpose every weight at every step, which on CPU costs more than the
-step's arithmetic. Tests hold the decode step to the full forward and to HF's generate.
+[B, P] batch once (positions 0..P-1) and fills preallocated caches that hold only the MLA
+latents c_kv [C] and k_rope [R] per token per layer (DeepSeek-V2 section 2.1.3: (C + R)
+numbers, never per-head keys and values). The next-token logits of row b are read at index
+n_b - 1. Decode step t feeds row b's previous token at position n_b + t - 1; latents are
+written at slot = position and a query at q sees slots <= q, so the prefill's padding
+slots are overwritten before anything reads them. Prefill and decode both run
+`decode.decode_layers` (absorbed attention over the latents, W_UK folded into the query
+and W_UV after the weighted sum, DeepSeek-V2 appendix C; parameters re-laid-out once per
+rollout), the decode steps inside a `lax.while_loop` that stops as soon as every row has
+emitted an end-of-sequence id. Tests hold prefill + decode to the full forward and to
+HF's generate.
 
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k
 (keep the k largest), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text
@@ -51,8 +49,7 @@ import ml_collections
 import numpy as np
 
 from r1jax import config as config_lib
-from r1jax import mla, model, moe
-from r1jax.layers import rms_norm, swiglu
+from r1jax import decode, model
 
 
 class SampleOutput(NamedTuple):
@@ -181,166 +178,33 @@ def decode_config(cfg) -> ml_collections.ConfigDict:
   return out
 
 
-def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None):
-  """Runs the padded prompts once into a fresh latent cache of `max_len` slots.
+def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None,
+            dparams=None):
+  """Runs the padded prompts once into fresh latent caches of `max_len` slots.
 
-  Returns (next-token logits [B, V] float32 read at index lengths_B - 1, cache). The cache
-  is `model.init_cache`: {'ckv': [layers, B, max_len, C], 'krope': [layers, B, max_len, R]}.
+  Returns (next-token logits [B, V] float32 read at index lengths_B - 1, caches: per layer
+  kv [B, max_len, C + R], see `decode.split_cache`). `dparams` is `decode.decode_params`
+  (computed here when not given).
   """
   b, p = prompt_BxP.shape
   if max_len < p:
     raise ValueError(f"max_len ({max_len}) must hold the {p} prompt positions")
-  cache = model.init_cache(cfg, b, max_len)
-  if cache_sharding is not None:
-    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+  dparams = decode.decode_params(params, cfg) if dparams is None else dparams
+  caches = _constrain(decode.init_caches(cfg, b, max_len), cache_sharding)
   positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
-  logits_BxPxV, cache = model.forward_with_cache(params, prompt_BxP, positions_BxP, cache, cfg)
-  last_Bx1 = (lengths_B - 1).astype(jnp.int32)[:, None]
-  logits_BxV = jnp.take_along_axis(logits_BxPxV, last_Bx1[:, :, None], axis=1)[:, 0]
-  return logits_BxV, cache
+  return decode.decode_layers(dparams, cfg, prompt_BxP, positions_BxP, caches,
+                              read_B=lengths_B - 1)
 
 
-def decode_params(params, cfg) -> dict:
-  """The parameters re-laid-out for decoding, computed once per rollout (outside the loop).
-
-  * Layers are unstacked into a list, so the unrolled decode step reads each layer's
-    weights in place (a scan over stacked weights slices them out every step).
-  * Floating weights are cast to cfg.dtype (the router stays float32), as `model.forward`.
-  * With moe_impl='dense' the routed experts are kept [E, ...] under 'batched' and decode
-    runs them with `moe_decode` (exact expert-major dispatch, matmuls batched over E, no
-    weight transposed); other moe_impl values run `moe.moe_ffn` unchanged.
-  """
-  dtype = model._DTYPES[cfg.dtype]
-  def cast(path, x):
-    in_router = any(getattr(k, "key", None) == "router" for k in path)
-    return x if in_router or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
-  params = jax.tree_util.tree_map_with_path(cast, params)
-  out = {"embed": params["embed"], "final_norm": params["final_norm"],
-         "head_DxV": model.output_head(params, cfg), "layers": []}
-  for name in ("dense_layers", "moe_layers"):
-    if name not in params:
-      continue
-    n = jax.tree.leaves(params[name])[0].shape[0]
-    for i in range(n):
-      layer = jax.tree.map(lambda x: x[i], params[name])
-      if name == "moe_layers" and cfg.moe_impl == "dense":
-        layer["moe"]["batched"] = layer["moe"].pop("experts")
-      out["layers"].append(layer)
-  return out
-
-
-def expert_capacity(tokens: int, cfg) -> int:
-  """Token slots per expert for decode: twice the mean load, a multiple of 8, at least 8."""
-  mean = tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
-  return int(min(tokens, max(8, -(-2 * mean // 8) * 8)))
-
-
-def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
-  """Routed + shared experts for a few decode tokens, exactly (no token is ever dropped).
-
-  Expert-major: each expert e gathers the tokens routed to it into `capacity` slots
-  ([E, c, D], one-hot dispatch), runs its SwiGLU as matmuls batched over E, and the outputs
-  are combined with the gate weights. If any expert receives more than c tokens this step,
-  every token goes through every expert instead (the dense oracle's arithmetic), chosen
-  with lax.cond, so results never depend on the capacity. c defaults to
-  `expert_capacity(T, cfg)`; when c >= T the dense form is used directly.
-  """
-  t, d = x_TxD.shape
-  e = cfg.n_routed_experts
-  c = expert_capacity(t, cfg) if capacity is None else int(capacity)
-  idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
-  onehot_TxKxE = jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32)
-  combine_TxE = jnp.einsum("tke,tk->te", onehot_TxKxE, weights_TxK).astype(x_TxD.dtype)
-  w = p["batched"]
-
-  def swiglu_batched(x_ExCxD):
-    gate_ExCxF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ExCxD, w["w_gate"]))
-    return gate_ExCxF * jnp.einsum("ecd,edf->ecf", x_ExCxD, w["w_up"])
-
-  def dense(_):
-    h_ExTxF = swiglu_batched(jnp.broadcast_to(x_TxD[None], (e, t, d)))
-    return jnp.einsum("etf,efd->td", h_ExTxF * combine_TxE.T[:, :, None], w["w_down"])
-
-  def dispatched(_):
-    sel_TxE = onehot_TxKxE.sum(axis=1) > 0
-    slot_TxE = jnp.cumsum(sel_TxE, axis=0) - 1
-    disp_ExCxT = ((slot_TxE.T[:, None, :] == jnp.arange(c)[None, :, None])
-                  & sel_TxE.T[:, None, :]).astype(x_TxD.dtype)
-    y_ExCxD = jnp.einsum("ecf,efd->ecd",
-                         swiglu_batched(jnp.einsum("ect,td->ecd", disp_ExCxT, x_TxD)),
-                         w["w_down"])
-    return jnp.einsum("ect,ecd->td", disp_ExCxT * combine_TxE.T[:, None, :], y_ExCxD)
-
-  if c >= t:
-    y_TxD = dense(None)
-  else:
-    fits = jnp.all(jnp.sum(onehot_TxKxE, axis=(0, 1)) <= c)
-    y_TxD = jax.lax.cond(fits, dispatched, dense, None)
-  if "shared" in p:
-    y_TxD = y_TxD + swiglu(x_TxD, p["shared"])
-  return y_TxD
-
-
-def decode_layers(dparams: dict, cfg, tokens_B, positions_B, caches: list):
-  """One token per row through the unrolled layers, absorbed attention over the latents.
-
-  caches: per layer (ckv [B, S, C], krope [B, S, R]); the new latents are written at slot
-  positions_B, and a row attends to slots <= its position. Returns (logits [B, V], caches).
-  """
-  b = tokens_B.shape[0]
-  s = caches[0][0].shape[1]
-  rows_B = jnp.arange(b)
-  pos_Bx1 = positions_B[:, None]
-  mask_Bx1xS = (jnp.arange(s)[None, :] <= pos_Bx1)[:, None, :]
-  h_Bx1xD = dparams["embed"][tokens_B][:, None, :]
-  new_caches = []
-  for p, (ckv_BxSxC, krope_BxSxR) in zip(dparams["layers"], caches):
-    x = rms_norm(h_Bx1xD, p["attn_norm"], cfg.rms_norm_eps)
-    ckv_Bx1xC, krope_Bx1xR = mla.project_kv(p["attn"], x, pos_Bx1, cfg)
-    ckv_BxSxC = ckv_BxSxC.at[rows_B, positions_B].set(ckv_Bx1xC[:, 0].astype(ckv_BxSxC.dtype))
-    krope_BxSxR = krope_BxSxR.at[rows_B, positions_B].set(
-        krope_Bx1xR[:, 0].astype(krope_BxSxR.dtype))
-    new_caches.append((ckv_BxSxC, krope_BxSxR))
-    q_nope, q_rope = mla.project_queries(p["attn"], x, pos_Bx1, cfg)
-    h_Bx1xD = h_Bx1xD + mla.attend(p["attn"], q_nope, q_rope, ckv_BxSxC.astype(x.dtype),
-                                   krope_BxSxR.astype(x.dtype), mask_Bx1xS, cfg,
-                                   impl="absorbed")
-    x_BxD = rms_norm(h_Bx1xD, p["mlp_norm"], cfg.rms_norm_eps)[:, 0]
-    if "mlp" in p:
-      y_BxD = swiglu(x_BxD, p["mlp"])
-    elif "batched" in p["moe"]:
-      y_BxD = moe_decode(p["moe"], x_BxD, cfg)
-    else:
-      y_BxD = moe.moe_ffn(p["moe"], x_BxD[:, None, :], jnp.ones((b, 1), bool), cfg)[0][:, 0]
-    h_Bx1xD = h_Bx1xD + y_BxD[:, None, :]
-  normed_BxD = rms_norm(h_Bx1xD[:, 0], dparams["final_norm"], cfg.rms_norm_eps)
-  logits_BxV = jnp.einsum("bd,dv->bv", normed_BxD, dparams["head_DxV"],
-                          preferred_element_type=jnp.float32)
-  return logits_BxV, new_caches
-
-
-def split_cache(cache: dict) -> list:
-  """model.init_cache's stacked {'ckv', 'krope'} -> per-layer [(ckv, krope), ...]."""
-  return [(cache["ckv"][i], cache["krope"][i]) for i in range(cache["ckv"].shape[0])]
-
-
-def stack_cache(caches: list) -> dict:
-  return {"ckv": jnp.stack([c for c, _ in caches]), "krope": jnp.stack([r for _, r in caches])}
-
-
-def decode_step(params, cfg, tokens_B, positions_B, cache):
-  """One new token per row at `positions_B` over a stacked cache; returns (logits [B, V], cache).
-
-  A convenience wrapper (tests, single steps); `generate` keeps the per-layer form.
-  """
-  logits_BxV, caches = decode_layers(decode_params(params, cfg), cfg, tokens_B, positions_B,
-                                     split_cache(cache))
-  return logits_BxV, stack_cache(caches)
+def _constrain(caches: list, cache_sharding):
+  if cache_sharding is None:
+    return caches
+  return jax.lax.with_sharding_constraint(caches, [cache_sharding] * len(caches))
 
 
 class _State(NamedTuple):
   t: jax.Array             # [] completion index of the token emitted next
-  caches: list             # per layer (ckv [B, S, C], krope [B, S, R])
+  caches: list             # per layer kv [B, S, C + R] (decode.split_cache)
   last_B: jax.Array        # the token emitted at step t - 1
   done_B: jax.Array        # the row has emitted an EOS id
   tokens_BxW: jax.Array
@@ -354,15 +218,9 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
   b, p = prompt_BxP.shape
   w = p + max_new_tokens
   rows_B = jnp.arange(b)
-  logits_BxV, cache = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding)
-  caches = split_cache(cache)
-  dparams = decode_params(params, cfg)
-  def constrain(caches):
-    if cache_sharding is None:
-      return caches
-    layer = jax.sharding.NamedSharding(cache_sharding.mesh,
-                                       jax.sharding.PartitionSpec(*cache_sharding.spec[1:]))
-    return jax.lax.with_sharding_constraint(caches, [(layer, layer)] * len(caches))
+  dparams = decode.decode_params(params, cfg)
+  logits_BxV, caches = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding, dparams)
+  constrain = lambda caches: _constrain(caches, cache_sharding)
   eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
 
   def emit(st: _State, logits_BxV) -> _State:
@@ -391,7 +249,8 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
     return (st.t < max_new_tokens) & ~jnp.all(st.done_B)
 
   def body(st: _State) -> _State:
-    logits_BxV, caches = decode_layers(dparams, cfg, st.last_B, lengths_B + st.t - 1, st.caches)
+    logits_BxV, caches = decode.decode_layers(dparams, cfg, st.last_B[:, None],
+                                              (lengths_B + st.t - 1)[:, None], st.caches)
     st = emit(st._replace(caches=constrain(caches)), logits_BxV)
     return st._replace(t=st.t + 1)
 
@@ -454,7 +313,7 @@ def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: flo
     bs = sharding.batch_sharding(mesh, 2, b + extra, param_rules)
     b1 = sharding.batch_sharding(mesh, 1, b + extra, param_rules)
     cache_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        None, *tuple(bs.spec)[:1], None, None))
+        *tuple(bs.spec)[:1], None, None))
     params = jax.device_put(params, sharding.param_shardings(cfg, mesh, param_rules))
     prompt_BxP, lengths_B, keys_B = (jax.device_put(prompt_BxP, bs), jax.device_put(lengths_B, b1),
                                      jax.device_put(keys_B, b1))

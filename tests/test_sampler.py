@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import hf, model, moe, sampler, sharding
+from r1jax import decode, hf, model, moe, sampler, sharding
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PROMPTS = [[17, 200, 31], [5, 9, 250, 77, 3, 140, 66], [101], [42, 43, 44, 45, 46]]
@@ -84,7 +84,7 @@ def test_greedy_equals_teacher_forced_argmax():
 def test_prefill_then_decode_equals_full_forward(moe_impl):
   """Mixed prompt lengths: prefill + 5 single-token steps give the full forward's logits.
 
-  moe_impl 'dense' decodes with the experts batched over E, 'ragged' through moe_ffn.
+  moe_impl sets the prefill's expert dispatch; decode steps always run decode.moe_decode.
   """
   cfg, params = _load("v3")
   dcfg = sampler.decode_config(cfg)
@@ -96,8 +96,9 @@ def test_prefill_then_decode_equals_full_forward(moe_impl):
   prompt_BxP, lens = sampler.pad_prompts([seq_BxL[0, :3], seq_BxL[1, :7]], pad_id=0, bucket=8)
   np.testing.assert_array_equal(lens, lengths)
   prefill = jax.jit(lambda p, t, n: sampler.prefill(p, dcfg, t, n, 8 + n_steps))
-  step = jax.jit(lambda p, t, pos, c: sampler.decode_step(p, dcfg, t, pos, c))
-  logits, cache = prefill(params, jnp.asarray(prompt_BxP), jnp.asarray(lens))
+  step = jax.jit(lambda p, t, pos, c: decode.decode_step(p, dcfg, t, pos, c))
+  logits, caches = prefill(params, jnp.asarray(prompt_BxP), jnp.asarray(lens))
+  cache = decode.stack_cache(caches, dcfg)
   rows = np.arange(2)
   np.testing.assert_allclose(np.asarray(logits), full[rows, lengths - 1], atol=1e-4, rtol=1e-4)
   for i in range(n_steps):
@@ -107,34 +108,34 @@ def test_prefill_then_decode_equals_full_forward(moe_impl):
 
 
 def test_moe_decode_equals_moe_ffn():
-  """Expert-major dispatch with capacity, and its dense fallback, equal the dense oracle."""
+  """Expert-major dispatch in capacity rounds equals the dense oracle at any capacity."""
   cfg, params = _load("v3")
-  layer = sampler.decode_params(params, cfg)["layers"][1]  # the first MoE layer
+  layer = decode.decode_params(params, cfg)["layers"][1]  # the first MoE layer
   x_TxD = jax.random.normal(jax.random.key(0), (32, cfg.hidden_size))
   moe_p = jax.tree.map(lambda w: w[0], params["moe_layers"]["moe"])
   want = np.asarray(moe.moe_ffn(moe_p, x_TxD[None], jnp.ones((1, 32), bool), cfg)[0][0])
   idx, _, _ = moe.route(moe_p["router"], x_TxD, cfg)
   max_load = int(np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts).max())
-  assert 1 < max_load < 32
-  for capacity in (max_load, max_load - 1, 32, None):  # fits, overflows -> dense, dense, default
-    got = np.asarray(sampler.moe_decode(layer["moe"], x_TxD, cfg, capacity=capacity))
+  assert 2 < max_load < 32
+  # one round, two rounds, max_load rounds, one slot per token, the default
+  for capacity in (max_load, max_load - 1, 1, 32, None):
+    got = np.asarray(decode.moe_decode(layer["moe"], x_TxD, cfg, capacity=capacity))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  assert sampler.expert_capacity(16, cfg) == 8 and sampler.expert_capacity(64, cfg) == 32
-  assert sampler.expert_capacity(4, cfg) == 4
+  assert decode.expert_capacity(16, cfg) == 8 and decode.expert_capacity(64, cfg) == 32
+  assert decode.expert_capacity(4, cfg) == 4
 
 
 def test_cache_holds_only_latents():
   cfg, params = _load("v3")
   b, max_len = 3, 20
   prompt, lens = sampler.pad_prompts(PROMPTS[:b], bucket=8)
-  _, cache = jax.eval_shape(
+  _, caches = jax.eval_shape(
       lambda p, t, n: sampler.prefill(p, sampler.decode_config(cfg), t, n, max_len),
       params, prompt, lens)
-  assert sorted(cache) == ["ckv", "krope"]
   c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-  assert cache["ckv"].shape == (cfg.num_hidden_layers, b, max_len, c)
-  assert cache["krope"].shape == (cfg.num_hidden_layers, b, max_len, r)
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(cache))
+  assert len(caches) == cfg.num_hidden_layers
+  assert all(kv.shape == (b, max_len, c + r) for kv in caches)
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(caches))
   assert total == (c + r) * cfg.num_hidden_layers * max_len * b
   per_token = sampler.cache_bytes_per_token(cfg)
   assert per_token["latent"] == 2 * (32 + 8) * 4  # 2 layers, C 32 + R 8, float32

@@ -1,0 +1,235 @@
+"""The one-token decode step of the rollout engine, laid out for small batches.
+
+Why a separate step: a decode step multiplies a handful of rows by every weight of the
+model once, so its cost is the number of kernels launched and the bytes of weight read,
+not FLOPs. `model.forward_with_cache` is written for sequences (stacked layers under a
+scan, separate projections, the MoE dispatch of training); this file re-lays the same
+parameters once per rollout (`decode_params`) so that one step launches few, larger
+kernels, and is tested to give the full forward's logits.
+
+The layout, per layer:
+  * the query down-projection (wq_a, or wq without q_lora) and the KV down-projection wkv_a
+    read the same normed input, so they are one [D, Q + C + R] matmul;
+  * the cache holds one array per layer, kv [B, S, C + R] = [c_kv (normed) | k_rope
+    (rotated)], still (C + R) numbers per token per layer (DeepSeek-V2 section 2.1.3);
+  * absorbed attention (DeepSeek-V2 appendix C): W_UK folded into the query
+    (q_lat = q_nope W_UK^T, [H, C]), the query [q_lat | q_rope] scored against kv in one
+    matmul, the weighted sum of kv taken once and W_UV, then W_O, applied after it;
+  * SwiGLU gate and up weights concatenated ([D, 2F], experts [E, D, 2F]);
+  * routed experts run expert-major with a capacity (`moe_decode`), whatever cfg.moe_impl
+    (that setting picks the dispatch of training and of the prefill).
+The layers are unrolled over a list, so each step reads the weights in place (a scan over
+stacked weights slices them out every step).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax import mla, model, moe, rope
+from r1jax.layers import dense, rms_norm
+
+
+def _fused_swiglu(p: dict) -> dict:
+  return {"w_gu": jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1), "w_down": p["w_down"]}
+
+
+def _swiglu_fused(x_TxD, p: dict):
+  gu_TxF2 = x_TxD @ p["w_gu"]
+  f = gu_TxF2.shape[-1] // 2
+  return (jax.nn.silu(gu_TxF2[:, :f]) * gu_TxF2[:, f:]) @ p["w_down"]
+
+
+def _attention_params(p: dict, cfg) -> dict:
+  d, h = cfg.hidden_size, cfg.num_attention_heads
+  n, a = cfg.qk_nope_head_dim, cfg.v_head_dim
+  if cfg.q_lora_rank > 0:
+    q_in = p["wq_a"]
+    out = {"q_norm": p["q_norm"], "wq_b": p["wq_b"].reshape(cfg.q_lora_rank, -1)}
+  else:
+    q_in = p["wq"].reshape(d, -1)
+    out = {}
+  w_uk_CxHxN, w_uv_CxHxA = p["wkv_b"][..., :n], p["wkv_b"][..., n:]
+  out.update({
+      "w_in": jnp.concatenate([q_in, p["wkv_a"]], axis=-1),
+      "kv_norm": p["kv_norm"],
+      "w_uk_HxNxC": jnp.transpose(w_uk_CxHxN, (1, 2, 0)),
+      "w_uv_HxCxA": jnp.transpose(w_uv_CxHxA, (1, 0, 2)),
+      "wo": p["wo"].reshape(h * a, d),
+  })
+  return out
+
+
+def decode_params(params, cfg) -> dict:
+  """The parameters re-laid-out for `decode_layers`, computed once per rollout.
+
+  Floating weights are cast to cfg.dtype (the router stays float32), as `model.forward`.
+  """
+  dtype = model._DTYPES[cfg.dtype]
+  def cast(path, x):
+    in_router = any(getattr(k, "key", None) == "router" for k in path)
+    return x if in_router or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+  params = jax.tree_util.tree_map_with_path(cast, params)
+  out = {"embed": params["embed"], "final_norm": params["final_norm"],
+         "head_DxV": model.output_head(params, cfg), "layers": []}
+  for name in ("dense_layers", "moe_layers"):
+    if name not in params:
+      continue
+    n = jax.tree.leaves(params[name])[0].shape[0]
+    for i in range(n):
+      p = jax.tree.map(lambda x: x[i], params[name])
+      layer = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
+               "attn": _attention_params(p["attn"], cfg)}
+      if "mlp" in p:
+        layer["mlp"] = _fused_swiglu(p["mlp"])
+      else:
+        layer["moe"] = {"router": p["moe"]["router"], "experts": _fused_swiglu(p["moe"]["experts"])}
+        if "shared" in p["moe"]:
+          layer["moe"]["shared"] = _fused_swiglu(p["moe"]["shared"])
+      out["layers"].append(layer)
+  return out
+
+
+# ---------------------------------------------------------------------------- experts
+
+def expert_capacity(tokens: int, cfg) -> int:
+  """Token slots per expert and round: twice the mean load, a multiple of 8, at least 8."""
+  mean = tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
+  return int(min(tokens, max(8, -(-2 * mean // 8) * 8)))
+
+
+def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
+  """Routed + shared experts for a few tokens, exactly: no token is ever dropped.
+
+  Expert-major: the T*K (token, expert) assignments are ranked within their expert in
+  token order; a round gathers the assignments of rank [r*c, (r+1)*c) of every expert into
+  [E, c, D], runs the SwiGLUs as matmuls batched over E, and adds each output, times its
+  gate weight, to its token. ceil(max load / c) rounds run (one, unless the routing is
+  very uneven), so the result never depends on the capacity c (default
+  `expert_capacity(T, cfg)`). `p` is one layer's 'moe' entry of `decode_params`.
+  """
+  t, d = x_TxD.shape
+  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  c = expert_capacity(t, cfg) if capacity is None else int(capacity)
+  if c < 1:
+    raise ValueError(f"capacity must be >= 1, got {c}")
+  idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
+  expert_A = idx_TxK.reshape(t * k)
+  onehot_AxE = jax.nn.one_hot(expert_A, e, dtype=jnp.int32)
+  rank_A = jnp.sum((jnp.cumsum(onehot_AxE, axis=0) - 1) * onehot_AxE, axis=1)
+  n_rounds = (jnp.max(jnp.sum(onehot_AxE, axis=0)) + c - 1) // c
+  token_A = jnp.arange(t * k) // k
+  weight_A = weights_TxK.reshape(t * k).astype(x_TxD.dtype)
+  x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])  # row t: empty slots
+  w = p["experts"]
+  f = w["w_down"].shape[1]
+
+  def one_round(r, y_TxD):
+    slot_A = rank_A - r * c
+    in_round_A = (slot_A >= 0) & (slot_A < c)
+    table_ExC = jnp.full((e, c), t, jnp.int32).at[
+        expert_A, jnp.where(in_round_A, slot_A, c)].set(token_A, mode="drop")
+    gu_ExCxF2 = jnp.einsum("ecd,edf->ecf", x_pad[table_ExC], w["w_gu"])
+    h_ExCxF = jax.nn.silu(gu_ExCxF2[..., :f]) * gu_ExCxF2[..., f:]
+    out_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, w["w_down"])
+    out_AxD = out_ExCxD[expert_A, jnp.clip(slot_A, 0, c - 1)]
+    out_AxD = out_AxD * jnp.where(in_round_A, weight_A, 0)[:, None]
+    return y_TxD + out_AxD.reshape(t, k, d).sum(axis=1)
+
+  y_TxD = jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros_like(x_TxD))
+  if "shared" in p:
+    y_TxD = y_TxD + _swiglu_fused(x_TxD, p["shared"])
+  return y_TxD
+
+
+# ---------------------------------------------------------------------------- the step
+
+def _attention(p: dict, x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg):
+  """Absorbed MLA for L queries per row; returns (output [B, L, D], kv with the new latents)."""
+  b, l, _ = x_BxLxD.shape
+  h, n, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+  c = cfg.kv_lora_rank
+  a_BxLxI = dense(x_BxLxD, p["w_in"])
+  q_in, kv_in = a_BxLxI[..., :-(c + r)], a_BxLxI[..., -(c + r):]
+  if "wq_b" in p:
+    q_in = dense(rms_norm(q_in, p["q_norm"], cfg.rms_norm_eps), p["wq_b"])
+  q_BxLxHxK = q_in.reshape(b, l, h, n + r)
+  ckv_BxLxC = rms_norm(kv_in[..., :c], p["kv_norm"], cfg.rms_norm_eps)
+  krope_BxLxR = rope.apply_rope(kv_in[..., c:], positions_BxL, cfg)
+  new_BxLxK = jnp.concatenate([ckv_BxLxC, krope_BxLxR], axis=-1).astype(kv_BxSxK.dtype)
+  kv_BxSxK = kv_BxSxK.at[jnp.arange(b)[:, None], positions_BxL].set(new_BxLxK)
+  kv = kv_BxSxK.astype(x_BxLxD.dtype)
+
+  q_rope_BxLxHxR = rope.apply_rope(q_BxLxHxK[..., n:], positions_BxL, cfg)
+  q_lat_BxLxHxC = jnp.einsum("blhn,hnc->blhc", q_BxLxHxK[..., :n], p["w_uk_HxNxC"])
+  q_BxLxHxK = jnp.concatenate([q_lat_BxLxHxC, q_rope_BxLxHxR], axis=-1)
+  # these einsum layouts are the ones XLA:CPU runs fastest at decode shapes (L = 1)
+  scores_BxHxLxS = jnp.einsum("blhk,bsk->bhls", q_BxLxHxK, kv) * rope.softmax_scale(cfg)
+  scores_BxHxLxS = jnp.where(mask_BxLxS[:, None], scores_BxHxLxS.astype(jnp.float32),
+                             mla.NEG_INF)
+  probs_BxHxLxS = jax.nn.softmax(scores_BxHxLxS, axis=-1).astype(x_BxLxD.dtype)
+  # the weighted sum over all C + R columns, then drop R: cheaper than slicing the cache
+  o_lat_BxHxLxC = jnp.einsum("bhls,bsk->bhlk", probs_BxHxLxS, kv)[..., :c]
+  o_BxLxHxA = jnp.einsum("bhlc,hca->blha", o_lat_BxHxLxC, p["w_uv_HxCxA"])
+  return dense(o_BxLxHxA.reshape(b, l, -1), p["wo"]), kv_BxSxK
+
+
+def init_caches(cfg, batch: int, max_len: int, dtype=None) -> list:
+  """Empty per-layer caches kv [B, max_len, C + R] (c_kv then k_rope) in cfg.dtype."""
+  dtype = dtype or model._DTYPES[cfg.dtype]
+  k = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  return [jnp.zeros((batch, max_len, k), dtype) for _ in range(cfg.num_hidden_layers)]
+
+
+def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, read_B=None):
+  """L tokens per row through the unrolled layers, absorbed attention over the latents.
+
+  The new latents are written at cache slot = position, and a query at position q attends
+  to slots <= q, so stale slots (e.g. a shorter prompt's padding) are overwritten before
+  anything reads them. caches: per layer kv [B, S, C + R] (`init_caches`, `split_cache`).
+  Returns (logits [B, V] float32 of the token at column read_B of each row (default the
+  last), caches): the prefill reads each prompt's last token, a decode step its only one.
+  """
+  b, l = tokens_BxL.shape
+  s = caches[0].shape[1]
+  mask_BxLxS = jnp.arange(s)[None, None, :] <= positions_BxL[:, :, None]
+  h_BxLxD = dparams["embed"][tokens_BxL]
+  new_caches = []
+  for p, kv_BxSxK in zip(dparams["layers"], caches):
+    x_BxLxD = rms_norm(h_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
+    y_BxLxD, kv_BxSxK = _attention(p["attn"], x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg)
+    new_caches.append(kv_BxSxK)
+    h_BxLxD = h_BxLxD + y_BxLxD
+    x_TxD = rms_norm(h_BxLxD, p["mlp_norm"], cfg.rms_norm_eps).reshape(b * l, -1)
+    y_TxD = _swiglu_fused(x_TxD, p["mlp"]) if "mlp" in p else moe_decode(p["moe"], x_TxD, cfg)
+    h_BxLxD = h_BxLxD + y_TxD.reshape(b, l, -1)
+  if l == 1:
+    h_BxD = h_BxLxD[:, 0]
+  else:
+    read_B = jnp.full((b,), l - 1, jnp.int32) if read_B is None else read_B
+    h_BxD = jnp.take_along_axis(h_BxLxD, read_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+  normed_BxD = rms_norm(h_BxD, dparams["final_norm"], cfg.rms_norm_eps)
+  logits_BxV = jnp.matmul(normed_BxD, dparams["head_DxV"], preferred_element_type=jnp.float32)
+  return logits_BxV, new_caches
+
+
+def split_cache(cache: dict) -> list:
+  """model.init_cache's stacked {'ckv', 'krope'} -> per layer kv [B, S, C + R]."""
+  return [jnp.concatenate([cache["ckv"][i], cache["krope"][i]], axis=-1)
+          for i in range(cache["ckv"].shape[0])]
+
+
+def stack_cache(caches: list, cfg) -> dict:
+  """Per layer kv [B, S, C + R] -> model.init_cache's stacked {'ckv', 'krope'}."""
+  kv = jnp.stack(caches)
+  return {"ckv": kv[..., :cfg.kv_lora_rank], "krope": kv[..., cfg.kv_lora_rank:]}
+
+
+def decode_step(params, cfg, tokens_B, positions_B, cache):
+  """One new token per row at `positions_B` over a stacked cache; returns (logits [B, V], cache).
+
+  A convenience wrapper (tests, single steps); the sampler keeps the per-layer form.
+  """
+  logits_BxV, caches = decode_layers(decode_params(params, cfg), cfg, tokens_B[:, None],
+                                     positions_B[:, None], split_cache(cache))
+  return logits_BxV, stack_cache(caches, cfg)
