@@ -23,9 +23,10 @@ HF's generate.
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k
 (keep the k largest), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text
 Degeneration": keep the smallest set of most likely tokens whose probability reaches p;
-ties with the last kept value are kept too). Keys: row b uses its own key k_b (the given
-per-row keys, or fold_in(key, b)); step t draws with fold_in(k_b, t). So a row's samples
-depend only on its key, never on the other rows in the batch.
+ties with the last kept value are kept too), then a draw by inverting the CDF. Keys: row b
+uses its own key k_b (the given per-row keys, or fold_in(key, b)); step t draws with
+fold_in(k_b, t). So a row's samples depend only on its key, never on the other rows in
+the batch.
 
 Log-probs are log_softmax of the raw (temperature 1) logits at the sampled token, whatever
 temperature / top-k / top-p drew it: these are GRPO's pi_old(o_t | q, o_<t) when rollouts
@@ -130,6 +131,33 @@ def _row_keys(key, batch: int):
 
 # ---------------------------------------------------------------------------- sampling
 
+def nucleus_threshold(probs_BxV, top_p: float):
+  """Per row, the smallest probability kept by top-p sampling, without sorting.
+
+  The kept set is the smallest set of most likely tokens whose mass reaches p (ties with
+  its least likely member kept too), i.e. every token with probability >= v*, where v* is
+  the largest v with mass(probs >= v) >= p. mass(probs >= v) only falls as v grows, and
+  non-negative floats order like their int32 bit patterns, so 31 bisection steps over the
+  bit patterns find v* exactly; on CPU this is several times faster than a sort of the
+  vocabulary at every decode step.
+  """
+  bits_BxV = jax.lax.bitcast_convert_type(probs_BxV.astype(jnp.float32), jnp.int32)
+  b = probs_BxV.shape[0]
+
+  def mass_at_least(v_B):
+    return jnp.sum(jnp.where(bits_BxV >= v_B[:, None], probs_BxV, 0.0), axis=-1)
+
+  def step(_, lo_hi):  # invariant: mass(>= lo) >= p > mass(>= hi)
+    lo_B, hi_B = lo_hi
+    mid_B = lo_B + (hi_B - lo_B) // 2
+    ok_B = mass_at_least(mid_B) >= top_p
+    return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B)
+
+  lo_hi = (jnp.zeros((b,), jnp.int32), jnp.max(bits_BxV, axis=-1) + 1)
+  lo_B, _ = jax.lax.fori_loop(0, 31, step, lo_hi)
+  return jax.lax.bitcast_convert_type(lo_B, jnp.float32)
+
+
 def filter_logits(logits_BxV, temperature: float, top_k: int = 0, top_p: float = 1.0):
   """Scaled logits with every token outside top-k / top-p set to -inf (temperature > 0)."""
   x_BxV = logits_BxV.astype(jnp.float32) / temperature
@@ -137,21 +165,28 @@ def filter_logits(logits_BxV, temperature: float, top_k: int = 0, top_p: float =
     kth_Bx1 = jax.lax.top_k(x_BxV, top_k)[0][:, -1:]
     x_BxV = jnp.where(x_BxV < kth_Bx1, -jnp.inf, x_BxV)
   if top_p < 1.0:
-    sorted_BxV = -jnp.sort(-x_BxV, axis=-1)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    n_keep_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
-    cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
-    x_BxV = jnp.where(x_BxV < cutoff_Bx1, -jnp.inf, x_BxV)
+    probs_BxV = jax.nn.softmax(x_BxV, axis=-1)
+    keep_BxV = probs_BxV >= nucleus_threshold(probs_BxV, top_p)[:, None]
+    x_BxV = jnp.where(keep_BxV, x_BxV, -jnp.inf)
   return x_BxV
 
 
 def sample_tokens(logits_BxV, keys_B, temperature: float, top_k: int = 0, top_p: float = 1.0):
-  """One token per row: argmax at temperature 0, else a draw with row b's key."""
+  """One token per row: argmax at temperature 0, else a draw with row b's key.
+
+  The draw inverts the CDF of softmax(filtered logits) at one uniform per row: the first
+  token whose cumulative probability reaches (1 - u) * total (> 0, so a token of
+  probability 0 is never drawn). One random number per row instead of one per vocabulary
+  entry (Gumbel-max) keeps the step cheap.
+  """
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   x_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
-  return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+  cdf_BxV = jnp.cumsum(jax.nn.softmax(x_BxV, axis=-1), axis=-1)
+  u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
+  target_Bx1 = ((1.0 - u_B) * cdf_BxV[:, -1])[:, None]
+  tok_B = jnp.sum(cdf_BxV < target_Bx1, axis=-1)
+  return jnp.minimum(tok_B, logits_BxV.shape[-1] - 1).astype(jnp.int32)
 
 
 def _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id):

@@ -243,6 +243,20 @@ def test_filter_logits_by_hand():
                              rtol=1e-6)
 
 
+def test_nucleus_threshold_equals_sorted_reference():
+  """The bisection keeps exactly the sorted-cumulative-mass set, ties included."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 50)).astype(np.float32) * 3
+  logits[:, 10:20] = logits[:, :10]  # ties
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+  for p in (1e-6, 0.1, 0.5, 0.9, 0.99):
+    got = np.asarray(sampler.nucleus_threshold(jnp.asarray(probs), p))
+    for row, thr in zip(probs, got):
+      desc = np.sort(row)[::-1]
+      n_keep = max(int(np.sum(np.cumsum(desc, dtype=np.float64) - desc < p)), 1)
+      assert thr == desc[n_keep - 1], (p, thr, desc[n_keep - 1])
+
+
 def test_sample_frequencies_follow_temperature():
   """4000 draws from softmax(logits / 0.5) restricted to the top 3, within 3 sigma."""
   logits = jnp.array([[1.0, 0.5, 0.0, -0.5]])
@@ -252,6 +266,12 @@ def test_sample_frequencies_follow_temperature():
   freq = np.bincount(np.asarray(draws), minlength=4) / n
   p = np.exp(np.array([2.0, 1.0, 0.0]))
   p = np.append(p / p.sum(), 0.0)
+  assert np.all(np.abs(freq - p) <= 3 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+  # top-p 0.75 at temperature 1 keeps {0, 1} (0.50 + 0.30 of the mass), renormalised
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draws = jax.vmap(lambda k: sampler.sample_tokens(logits, k[None], 1.0, top_p=0.75)[0])(keys)
+  freq = np.bincount(np.asarray(draws), minlength=4) / n
+  p = np.array([0.625, 0.375, 0.0, 0.0])
   assert np.all(np.abs(freq - p) <= 3 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
 
 
