@@ -40,7 +40,7 @@ def get_config(arg=None):
       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
       intermediate_size=384, moe_intermediate_size=96, n_routed_experts=8, n_shared_experts=1,
       num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-      max_position_embeddings=128, moe_impl="ragged", attention_impl="naive", scan_layers=False)
+      max_position_embeddings=128, moe_impl="grouped", attention_impl="naive", scan_layers=False)
 
   c.sft = sft.sft_defaults()
   c.sft.num_traces = 500
@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.sft.optimizer.warmup_steps = 20
 
   c.grpo = rl.grpo_defaults()
-  c.grpo.steps = 72
+  c.grpo.steps = 80
   c.grpo.prompts_per_step = 64
   c.grpo.G = 4
   c.grpo.dynamic_sampling = True    # train on groups with mixed outcomes only (DAPO)
@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.grpo.max_prompt_len = 16
   c.grpo.max_new_tokens = 40
   c.grpo.optimizer.lr = 1e-4
-  c.grpo.checkpoint_every = 24
+  c.grpo.checkpoint_every = 20
 
   c.eval = evaluate.eval_defaults()
   c.eval.num_problems = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 ATTENTION_IMPLS = ("naive", "absorbed")
-MOE_IMPLS = ("dense", "ragged", "pallas")
+MOE_IMPLS = ("dense", "ragged", "grouped", "pallas")
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORES = ("top2_sum", "max")
 ROPE_SCALING_TYPES = ("none", "yarn")
@@ -56,7 +56,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.mtp_depth = 0                   # D in V3 section 2.2 (0 = off)
   c.mtp_lambda = 0.3                # lambda, MTP loss weight
   c.attention_impl = "naive"        # 'naive' or 'absorbed'
-  c.moe_impl = "dense"              # 'dense' (oracle), 'ragged' or 'pallas'
+  c.moe_impl = "dense"              # 'dense' (oracle), 'ragged', 'grouped' or 'pallas'
   c.scan_layers = True              # lax.scan over layers; False unrolls (shallow CPU models)
   c.param_dtype = "float32"
   c.dtype = "float32"               # compute dtype; the router always runs in float32

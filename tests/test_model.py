@@ -54,7 +54,7 @@ def test_causality(setup):
 
 
 @pytest.mark.parametrize("attention_impl,moe_impl", [("absorbed", "dense"), ("naive", "ragged"),
-                                                     ("absorbed", "ragged")])
+                                                     ("absorbed", "ragged"), ("naive", "grouped")])
 def test_paths_agree(setup, attention_impl, moe_impl):
   _, params, tokens = setup
   ref, ref_aux = _run(params, tokens)
@@ -64,14 +64,15 @@ def test_paths_agree(setup, attention_impl, moe_impl):
                                 np.asarray(ref_aux["tokens_per_expert"]))
 
 
-def test_dense_and_ragged_gradients_agree(setup):
+@pytest.mark.parametrize("moe_impl", ["ragged", "grouped"])
+def test_sparse_and_dense_gradients_agree(setup, moe_impl):
   _, params, tokens = setup
   def loss(p, moe_impl):
     cfg = _cfg(moe_impl=moe_impl, mtp_depth=0)
     logits, _ = model.forward(p, tokens, cfg)
     return jnp.sum(jnp.sin(logits))
   g_dense = jax.jit(jax.grad(functools.partial(loss, moe_impl="dense")))(params)
-  g_ragged = jax.jit(jax.grad(functools.partial(loss, moe_impl="ragged")))(params)
+  g_ragged = jax.jit(jax.grad(functools.partial(loss, moe_impl=moe_impl)))(params)
   experts = g_dense["moe_layers"]["moe"]["experts"]["w_up"]
   assert float(jnp.abs(experts).max()) > 0
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_dense)[0], jax.tree.leaves(g_ragged)):
