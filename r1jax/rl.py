@@ -333,16 +333,27 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
 
 
 def _assemble(groups, gcfg, n_rows):
-  """Rollout groups -> fixed-size training rows (static shapes: one compile per config)."""
+  """Rollout groups -> fixed-size training rows (static shapes: one compile per config).
+
+  Every rollout is widened to max_prompt_len + max_new_tokens columns (the sampler returns
+  the batch's longest prompt + max_new_tokens, which differs between refills).
+  """
+  width = gcfg.max_prompt_len + gcfg.max_new_tokens
+  def widen(x, value=0):
+    x = np.asarray(x)
+    if x.shape[1] > width:
+      raise ValueError(f"rollout width {x.shape[1]} exceeds max_prompt_len + max_new_tokens "
+                       f"({width})")
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
   toks, masks, olds, advs, rewards_all, lengths, trunc = [], [], [], [], [], [], []
   for out, _, rewards in groups:
     adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards, jnp.float32), gcfg.G,
                                            scale=gcfg.adv_scale))
     keep = np.repeat(_group_std(rewards, gcfg.G) > 0, gcfg.G) if gcfg.dynamic_sampling else \
         np.ones(len(rewards), bool)
-    toks.append(np.asarray(out.tokens)[keep])
-    masks.append(np.asarray(out.completion_mask)[keep])
-    olds.append(np.asarray(out.logprobs)[keep])
+    toks.append(widen(out.tokens)[keep])
+    masks.append(widen(out.completion_mask, False)[keep])
+    olds.append(widen(out.logprobs)[keep])
     advs.append(adv[keep])
     rewards_all.append(rewards)
     lengths.append(np.asarray(out.lengths))

@@ -217,3 +217,31 @@ def test_train_rejects_a_bad_config_before_writing_anything(built, tmp_path):
   with pytest.raises(ValueError, match="'G'"):
     _train(built, tmp_path, built[1], G=1)
   assert not os.path.exists(os.path.join(tmp_path, "grpo"))
+
+
+def test_assemble_widens_refills_of_different_prompt_widths():
+  """Dynamic sampling concatenates rollouts whose widths differ (longest prompt + new
+  tokens); rows are widened to max_prompt_len + max_new_tokens and all-equal groups drop."""
+  gcfg = rl.grpo_defaults()
+  gcfg.G, gcfg.max_prompt_len, gcfg.max_new_tokens, gcfg.dynamic_sampling = 2, 6, 3, True
+
+  def rollout(width, fill):
+    tokens = np.full((4, width), fill, np.int32)
+    mask = np.zeros((4, width), bool)
+    mask[:, -3:] = True
+    return rl.sampler.SampleOutput(
+        tokens=tokens, completion_mask=mask, lengths=np.full((4,), 3, np.int32),
+        logprobs=np.where(mask, -0.5, 0.0).astype(np.float32), truncated=np.zeros((4,), bool),
+        prompt_lengths=np.full((4,), width - 3, np.int32), steps=np.int32(3))
+
+  # the second group of each rollout is all-equal and dropped; 4 rows kept, 2 padding rows
+  groups = [(rollout(7, 1), ["a"] * 4, np.array([1.0, 0.0, 1.0, 1.0])),
+            (rollout(9, 2), ["b"] * 4, np.array([0.0, 1.0, 0.0, 0.0]))]
+  rows = rl._assemble(groups, gcfg, n_rows=6)
+  assert rows["tokens"].shape == (6, 9)
+  np.testing.assert_array_equal(rows["tokens"][:2], [[1] * 7 + [0] * 2] * 2)
+  np.testing.assert_array_equal(rows["tokens"][2:4], [[2] * 9] * 2)
+  assert rows["mask"][:2, 4:7].all() and not rows["mask"][:2, 7:].any()
+  assert not rows["mask"][4:].any() and not rows["tokens"][4:].any()
+  np.testing.assert_allclose(rows["advantages"][:4], [1.0, -1.0, -1.0, 1.0], atol=1e-5)
+  assert rows["info"]["rows_trained"] == 4
