@@ -144,8 +144,12 @@ def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
 
 # ---------------------------------------------------------------------------- the step
 
-def _attention(p: dict, x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg):
-  """Absorbed MLA for L queries per row; returns (output [B, L, D], kv with the new latents)."""
+def _attention(p: dict, x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg, fresh: bool):
+  """Absorbed MLA for L queries per row; returns (output [B, L, D], kv with the new latents).
+
+  fresh: the cache was empty and positions are 0..L-1, so the keys are exactly the L new
+  latents (mask_BxLxS is then [B, L, L]); attending over them skips the empty slots.
+  """
   b, l, _ = x_BxLxD.shape
   h, n, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
   c = cfg.kv_lora_rank
@@ -158,7 +162,7 @@ def _attention(p: dict, x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg):
   krope_BxLxR = rope.apply_rope(kv_in[..., c:], positions_BxL, cfg)
   new_BxLxK = jnp.concatenate([ckv_BxLxC, krope_BxLxR], axis=-1).astype(kv_BxSxK.dtype)
   kv_BxSxK = kv_BxSxK.at[jnp.arange(b)[:, None], positions_BxL].set(new_BxLxK)
-  kv = kv_BxSxK.astype(x_BxLxD.dtype)
+  kv = (new_BxLxK if fresh else kv_BxSxK).astype(x_BxLxD.dtype)
 
   q_rope_BxLxHxR = rope.apply_rope(q_BxLxHxK[..., n:], positions_BxL, cfg)
   q_lat_BxLxHxC = jnp.einsum("blhn,hnc->blhc", q_BxLxHxK[..., :n], p["w_uk_HxNxC"])
@@ -181,7 +185,8 @@ def init_caches(cfg, batch: int, max_len: int, dtype=None) -> list:
   return [jnp.zeros((batch, max_len, k), dtype) for _ in range(cfg.num_hidden_layers)]
 
 
-def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, read_B=None):
+def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, read_B=None,
+                  fresh: bool = False):
   """L tokens per row through the unrolled layers, absorbed attention over the latents.
 
   The new latents are written at cache slot = position, and a query at position q attends
@@ -189,15 +194,19 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
   anything reads them. caches: per layer kv [B, S, C + R] (`init_caches`, `split_cache`).
   Returns (logits [B, V] float32 of the token at column read_B of each row (default the
   last), caches): the prefill reads each prompt's last token, a decode step its only one.
+  fresh=True promises empty caches and positions 0..L-1 in every row (a prefill): attention
+  then runs over the L new latents only instead of every cache slot.
   """
   b, l = tokens_BxL.shape
   s = caches[0].shape[1]
-  mask_BxLxS = jnp.arange(s)[None, None, :] <= positions_BxL[:, :, None]
+  keys_S = jnp.arange(l if fresh else s)
+  mask_BxLxS = keys_S[None, None, :] <= positions_BxL[:, :, None]
   h_BxLxD = dparams["embed"][tokens_BxL]
   new_caches = []
   for p, kv_BxSxK in zip(dparams["layers"], caches):
     x_BxLxD = rms_norm(h_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
-    y_BxLxD, kv_BxSxK = _attention(p["attn"], x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg)
+    y_BxLxD, kv_BxSxK = _attention(p["attn"], x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg,
+                                   fresh)
     new_caches.append(kv_BxSxK)
     h_BxLxD = h_BxLxD + y_BxLxD
     x_TxD = rms_norm(h_BxLxD, p["mlp_norm"], cfg.rms_norm_eps).reshape(b * l, -1)

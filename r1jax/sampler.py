@@ -228,7 +228,7 @@ def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=Non
   caches = _constrain(decode.init_caches(cfg, b, max_len), cache_sharding)
   positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
   return decode.decode_layers(dparams, cfg, prompt_BxP, positions_BxP, caches,
-                              read_B=lengths_B - 1)
+                              read_B=lengths_B - 1, fresh=True)
 
 
 def _constrain(caches: list, cache_sharding):
