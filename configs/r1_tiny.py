@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.grpo.temperature = 1.0
   c.grpo.max_prompt_len = 16
   c.grpo.max_new_tokens = 40
-  c.grpo.optimizer.lr = 1e-4
+  c.grpo.optimizer.lr = 3e-4
   c.grpo.checkpoint_every = 20
 
   c.eval = evaluate.eval_defaults()
