@@ -1,11 +1,12 @@
-"""The one-token decode step of the rollout engine, laid out for small batches.
+"""The prefill and decode step of the rollout engine, laid out for small batches.
 
 Why a separate step: a decode step multiplies a handful of rows by every weight of the
 model once, so its cost is the number of kernels launched and the bytes of weight read,
 not FLOPs. `model.forward_with_cache` is written for sequences (stacked layers under a
 scan, separate projections, the MoE dispatch of training); this file re-lays the same
 parameters once per rollout (`decode_params`) so that one step launches few, larger
-kernels, and is tested to give the full forward's logits.
+kernels. The prefill runs the same code over the prompts; tests hold both to the full
+forward's logits.
 
 The layout, per layer:
   * the query down-projection (wq_a, or wq without q_lora) and the KV down-projection wkv_a
@@ -16,8 +17,8 @@ The layout, per layer:
     (q_lat = q_nope W_UK^T, [H, C]), the query [q_lat | q_rope] scored against kv in one
     matmul, the weighted sum of kv taken once and W_UV, then W_O, applied after it;
   * SwiGLU gate and up weights concatenated ([D, 2F], experts [E, D, 2F]);
-  * routed experts run expert-major with a capacity (`moe_decode`), whatever cfg.moe_impl
-    (that setting picks the dispatch of training and of the prefill).
+  * routed experts run expert-major with a capacity (`moe_decode`) in prefill and decode,
+    whatever cfg.moe_impl (that setting picks the dispatch of training).
 The layers are unrolled over a list, so each step reads the weights in place (a scan over
 stacked weights slices them out every step).
 """
@@ -30,11 +31,13 @@ from r1jax import mla, model, moe, rope
 from r1jax.layers import dense, rms_norm
 
 
-def _fused_swiglu(p: dict) -> dict:
+def _fuse_swiglu_weights(p: dict) -> dict:
+  """SwiGLU weights with gate and up concatenated: {'w_gu': [..., D, 2F], 'w_down'}."""
   return {"w_gu": jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1), "w_down": p["w_down"]}
 
 
-def _swiglu_fused(x_TxD, p: dict):
+def _swiglu_gu(x_TxD, p: dict):
+  """layers.swiglu over `_fuse_swiglu_weights`: one matmul for gate and up."""
   gu_TxF2 = x_TxD @ p["w_gu"]
   f = gu_TxF2.shape[-1] // 2
   return (jax.nn.silu(gu_TxF2[:, :f]) * gu_TxF2[:, f:]) @ p["w_down"]
@@ -61,15 +64,9 @@ def _attention_params(p: dict, cfg) -> dict:
 
 
 def decode_params(params, cfg) -> dict:
-  """The parameters re-laid-out for `decode_layers`, computed once per rollout.
-
-  Floating weights are cast to cfg.dtype (the router stays float32), as `model.forward`.
-  """
-  dtype = model._DTYPES[cfg.dtype]
-  def cast(path, x):
-    in_router = any(getattr(k, "key", None) == "router" for k in path)
-    return x if in_router or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
-  params = jax.tree_util.tree_map_with_path(cast, params)
+  """The parameters re-laid-out for `decode_layers`, computed once per rollout, in the
+  compute dtype of `model.forward` (`model.cast_params`)."""
+  params = model.cast_params(params, cfg)
   out = {"embed": params["embed"], "final_norm": params["final_norm"],
          "head_DxV": model.output_head(params, cfg), "layers": []}
   for name in ("dense_layers", "moe_layers"):
@@ -81,11 +78,12 @@ def decode_params(params, cfg) -> dict:
       layer = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
                "attn": _attention_params(p["attn"], cfg)}
       if "mlp" in p:
-        layer["mlp"] = _fused_swiglu(p["mlp"])
+        layer["mlp"] = _fuse_swiglu_weights(p["mlp"])
       else:
-        layer["moe"] = {"router": p["moe"]["router"], "experts": _fused_swiglu(p["moe"]["experts"])}
+        layer["moe"] = {"router": p["moe"]["router"],
+                        "experts": _fuse_swiglu_weights(p["moe"]["experts"])}
         if "shared" in p["moe"]:
-          layer["moe"]["shared"] = _fused_swiglu(p["moe"]["shared"])
+          layer["moe"]["shared"] = _fuse_swiglu_weights(p["moe"]["shared"])
       out["layers"].append(layer)
   return out
 
@@ -138,7 +136,7 @@ def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
 
   y_TxD = jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros_like(x_TxD))
   if "shared" in p:
-    y_TxD = y_TxD + _swiglu_fused(x_TxD, p["shared"])
+    y_TxD = y_TxD + _swiglu_gu(x_TxD, p["shared"])
   return y_TxD
 
 
@@ -210,7 +208,7 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
     new_caches.append(kv_BxSxK)
     h_BxLxD = h_BxLxD + y_BxLxD
     x_TxD = rms_norm(h_BxLxD, p["mlp_norm"], cfg.rms_norm_eps).reshape(b * l, -1)
-    y_TxD = _swiglu_fused(x_TxD, p["mlp"]) if "mlp" in p else moe_decode(p["moe"], x_TxD, cfg)
+    y_TxD = _swiglu_gu(x_TxD, p["mlp"]) if "mlp" in p else moe_decode(p["moe"], x_TxD, cfg)
     h_BxLxD = h_BxLxD + y_TxD.reshape(b, l, -1)
   if l == 1:
     h_BxD = h_BxLxD[:, 0]

@@ -138,7 +138,8 @@ def positions_from_segments(segment_ids_BxL):
   return idx - start_idx
 
 
-def _cast(params, cfg):
+def cast_params(params, cfg):
+  """Floating weights in cfg.dtype, the router kept in float32 (as the reference)."""
   dtype = _DTYPES[cfg.dtype]
   def cast(path, x):
     x = jnp.asarray(x)   # numpy params (e.g. from hf.load_checkpoint) must index with tracers
@@ -193,7 +194,7 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
     segment_ids = jnp.ones((b, l), jnp.int32)
   if positions is None:
     positions = positions_from_segments(segment_ids)
-  p = _cast(params, cfg)
+  p = cast_params(params, cfg)
   valid_BxL = segment_ids != 0
   mask_BxLxL = attention_mask(positions, segment_ids)
   h = p["embed"][tokens_BxL]
@@ -268,7 +269,7 @@ def forward_with_cache(params: dict, tokens_BxL, positions_BxL, cache: dict, cfg
   row's current position (e.g. prompt padding) are never read before being overwritten.
   Returns (logits [B, L, V] float32, new cache). Always uses cfg.attention_impl.
   """
-  p = _cast(params, cfg)
+  p = cast_params(params, cfg)
   b, l = tokens_BxL.shape
   s = cache["ckv"].shape[2]
   mask_BxLxS = jnp.arange(s)[None, None, :] <= positions_BxL[:, :, None]
