@@ -103,21 +103,28 @@ def dense_dispatch(experts_p: dict, x_TxD, idx_TxK, weights_TxK, cfg):
 @register_dispatch("ragged")
 def ragged_dispatch(experts_p: dict, x_TxD, idx_TxK, weights_TxK, cfg):
   """Sort assignments by expert, grouped matmuls (lax.ragged_dot), scatter-add back."""
-  t, k = idx_TxK.shape
-  flat_expert = idx_TxK.reshape(t * k)
-  order = jnp.argsort(flat_expert, stable=True)
-  token_of = order // k
+  _, token_of, w_sorted, group_sizes_E = _sort_by_expert(idx_TxK, weights_TxK, x_TxD.dtype, cfg)
   x_sorted = x_TxD[token_of]
-  group_sizes_E = jnp.bincount(flat_expert, length=cfg.n_routed_experts).astype(jnp.int32)
   gate = jax.nn.silu(jax.lax.ragged_dot(x_sorted, experts_p["w_gate"], group_sizes_E))
   h = gate * jax.lax.ragged_dot(x_sorted, experts_p["w_up"], group_sizes_E)
   y_sorted = jax.lax.ragged_dot(h, experts_p["w_down"], group_sizes_E)
-  w_sorted = weights_TxK.reshape(t * k)[order].astype(x_TxD.dtype)
   return jnp.zeros_like(x_TxD).at[token_of].add(y_sorted * w_sorted[:, None])
 
 
+def _sort_by_expert(idx_TxK, weights_TxK, dtype, cfg):
+  """The T*K assignments in expert order (stable): (order, token of each, its gate weight,
+  assignments per expert [E] int32)."""
+  t, k = idx_TxK.shape
+  flat_expert = idx_TxK.reshape(t * k)
+  order = jnp.argsort(flat_expert, stable=True)
+  w_sorted = weights_TxK.reshape(t * k)[order].astype(dtype)
+  group_sizes_E = jnp.bincount(flat_expert, length=cfg.n_routed_experts).astype(jnp.int32)
+  return order, order // k, w_sorted, group_sizes_E
+
+
 def group_tile(assignments: int, n_experts: int) -> int:
-  """Rows per tile for `grouped_dispatch`: ~half an expert's mean load, a multiple of 8 in [8, 128]."""
+  """Rows per tile for `grouped_dispatch`: ~half an expert's mean load, a multiple of 8
+  in [8, 128] (padding waste at most E * (m - 1) rows)."""
   half_mean = assignments / (2 * n_experts)
   return int(min(128, max(8, -(-half_mean // 8) * 8)))
 
@@ -141,16 +148,13 @@ def grouped_dispatch(experts_p: dict, x_TxD, idx_TxK, weights_TxK, cfg, tile: in
   a = t * k
   m = group_tile(a, e) if tile is None else int(tile)
   n_tiles = -(-(a + e * (m - 1)) // m)
-  flat_expert = idx_TxK.reshape(a)
-  order = jnp.argsort(flat_expert, stable=True)
-  sorted_expert = flat_expert[order]
-  counts_E = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
+  order, token_A, w_sorted, counts_E = _sort_by_expert(idx_TxK, weights_TxK, x_TxD.dtype, cfg)
+  sorted_expert = idx_TxK.reshape(a)[order]
   padded_E = -(-counts_E // m) * m
   padded_end_E = jnp.cumsum(padded_E)
   start_E = padded_end_E - padded_E            # first padded row of each expert
   first_E = jnp.cumsum(counts_E) - counts_E    # first sorted assignment of each expert
   dest_A = start_E[sorted_expert] + jnp.arange(a) - first_E[sorted_expert]
-  token_A = order // k
   row_token = jnp.full((n_tiles * m,), t, jnp.int32).at[dest_A].set(token_A)
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * m, side="right"), e - 1)
@@ -159,7 +163,6 @@ def grouped_dispatch(experts_p: dict, x_TxD, idx_TxK, weights_TxK, cfg, tile: in
   gate = jax.nn.silu(jnp.einsum("nmd,ndf->nmf", x_NxMxD, experts_p["w_gate"][tile_expert]))
   h_NxMxF = gate * jnp.einsum("nmd,ndf->nmf", x_NxMxD, experts_p["w_up"][tile_expert])
   y_rows = jnp.einsum("nmf,nfd->nmd", h_NxMxF, experts_p["w_down"][tile_expert]).reshape(-1, d)
-  w_sorted = weights_TxK.reshape(a)[order].astype(x_TxD.dtype)
   return jnp.zeros_like(x_TxD).at[token_A].add(y_rows[dest_A] * w_sorted[:, None])
 
 
