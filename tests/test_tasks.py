@@ -364,6 +364,5 @@ def test_arithmetic_trace_slip_changes_only_traces_of_final_carry_sums():
       assert slip.reward("", b.trace, **b.reward_kwargs()) == 0.0
   carries = sum(len(e.answer) == 4 for e in ex_clean)
   assert 0.55 < slipped / carries < 0.85, (slipped, carries)
-  import pytest
   with pytest.raises(ValueError, match="trace_slip_rate"):
     tasks.get_task("arithmetic", trace_slip_rate=1.5)
