@@ -206,13 +206,6 @@ def _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad
 
 # ---------------------------------------------------------------------------- model steps
 
-def decode_config(cfg) -> ml_collections.ConfigDict:
-  """A copy of `cfg` using the absorbed attention path (attention against the latents)."""
-  out = ml_collections.ConfigDict(cfg.to_dict())
-  out.attention_impl = "absorbed"
-  return out
-
-
 def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None,
             dparams=None):
   """Runs the padded prompts once into fresh latent caches of `max_len` slots.
@@ -353,7 +346,7 @@ def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: flo
     prompt_BxP, lengths_B, keys_B = (jax.device_put(prompt_BxP, bs), jax.device_put(lengths_B, b1),
                                      jax.device_put(keys_B, b1))
 
-  fn = _jitted_rollout(decode_config(cfg), max_new_tokens=int(max_new_tokens),
+  fn = _jitted_rollout(cfg, max_new_tokens=int(max_new_tokens),
                        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                        eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
                        cache_sharding=cache_sharding)

@@ -87,17 +87,16 @@ def test_prefill_then_decode_equals_full_forward():
   cfg.moe_impl), so one configuration covers them.
   """
   cfg, params = _load("v3")
-  dcfg = sampler.decode_config(cfg)
   seq_BxL = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 12)).astype(np.int32)
   lengths = np.array([3, 7], np.int32)
   n_steps = 5
   full = np.asarray(_forward("v3")(params, jnp.asarray(seq_BxL)))
   prompt_BxP, lens = sampler.pad_prompts([seq_BxL[0, :3], seq_BxL[1, :7]], pad_id=0, bucket=8)
   np.testing.assert_array_equal(lens, lengths)
-  prefill = jax.jit(lambda p, t, n: sampler.prefill(p, dcfg, t, n, 8 + n_steps))
-  step = jax.jit(lambda p, t, pos, c: decode.decode_step(p, dcfg, t, pos, c))
+  prefill = jax.jit(lambda p, t, n: sampler.prefill(p, cfg, t, n, 8 + n_steps))
+  step = jax.jit(lambda p, t, pos, c: decode.decode_step(p, cfg, t, pos, c))
   logits, caches = prefill(params, jnp.asarray(prompt_BxP), jnp.asarray(lens))
-  cache = decode.stack_cache(caches, dcfg)
+  cache = decode.stack_cache(caches, cfg)
   rows = np.arange(2)
   np.testing.assert_allclose(np.asarray(logits), full[rows, lengths - 1], atol=1e-4, rtol=1e-4)
   for i in range(n_steps):
@@ -129,7 +128,7 @@ def test_cache_holds_only_latents():
   b, max_len = 3, 20
   prompt, lens = sampler.pad_prompts(PROMPTS[:b], bucket=8)
   _, caches = jax.eval_shape(
-      lambda p, t, n: sampler.prefill(p, sampler.decode_config(cfg), t, n, max_len),
+      lambda p, t, n: sampler.prefill(p, cfg, t, n, max_len),
       params, prompt, lens)
   c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
   assert len(caches) == cfg.num_hidden_layers
