@@ -178,27 +178,38 @@ def plot(workdir: str, summary: dict) -> str:
   return out
 
 
-def latest_params(cfg, workdir: str, model_cfg):
-  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
+def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):
+  """Parameters of the latest checkpoint under run_dir/checkpoints, or None if there is none.
+
+  optimizer_cfg and extra (names of other parameter-shaped entries, e.g. 'ref_params')
+  describe the saved state, so the restore knows every array's shape.
+  """
   from r1jax import checkpoint as ckpt_lib
   from r1jax import optim
+  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return None
   params = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.key(0))
+  opt = optim.make_optimizer(optimizer_cfg, 1)
+  abstract = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
+              "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
+  for k in extra:
+    abstract[k] = params
+  with ckpt_lib.CheckpointManager(run_dir) as manager:
+    if manager.latest_step() is None:
+      return None
+    restored = manager.restore(abstract)
+  name = os.path.basename(os.path.normpath(run_dir))
+  print(f"loaded {name} checkpoint at step {restored.step} from {run_dir}")
+  return restored.state["params"]
+
+
+def latest_params(cfg, workdir: str, model_cfg):
+  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
   for name, ocfg, extra in (("grpo", cfg.grpo.optimizer, ("ref_params",)),
                             ("sft", cfg.sft.optimizer, ())):
-    run_dir = os.path.join(workdir, name)
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-      continue
-    opt = optim.make_optimizer(ocfg, 1)
-    abstract = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
-                "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
-    for k in extra:
-      abstract[k] = params
-    with ckpt_lib.CheckpointManager(run_dir) as manager:
-      if manager.latest_step() is None:
-        continue
-      restored = manager.restore(abstract)
-      print(f"loaded {name} checkpoint at step {restored.step} from {run_dir}")
-      return restored.state["params"]
+    params = restore_params(os.path.join(workdir, name), ocfg, model_cfg, extra)
+    if params is not None:
+      return params
   raise ValueError(f"no sft or grpo checkpoint found under {workdir}")
 
 
