@@ -91,9 +91,16 @@ def decode_params(params, cfg) -> dict:
 # ---------------------------------------------------------------------------- experts
 
 def expert_capacity(tokens: int, cfg) -> int:
-  """Token slots per expert and round: twice the mean load, a multiple of 8, at least 8."""
+  """Token slots per expert and round: twice the mean load rounded up to a multiple of 8,
+  or 4 when the mean load is at most one token.
+
+  Enough for one round at the usual loads. Multiples of 8 ran fastest on XLA:CPU from 16
+  tokens up; at 8 tokens (a 16-row batch split over two devices) 8 slots are mostly empty
+  and 4 slots ran the routed experts ~20% faster.
+  """
   mean = tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
-  return int(min(tokens, max(8, -(-2 * mean // 8) * 8)))
+  slots = 4 if mean <= 1 else -(-2 * mean // 8) * 8
+  return int(min(tokens, slots))
 
 
 def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):

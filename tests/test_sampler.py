@@ -121,6 +121,9 @@ def test_moe_decode_equals_moe_ffn():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   assert decode.expert_capacity(16, cfg) == 8 and decode.expert_capacity(64, cfg) == 32
   assert decode.expert_capacity(4, cfg) == 4
+  sixteen = cfg.copy_and_resolve_references()
+  sixteen.n_routed_experts = 16  # 8 tokens x 2 = one per expert on average: 4 slots
+  assert decode.expert_capacity(8, sixteen) == 4 and decode.expert_capacity(16, sixteen) == 8
 
 
 def test_cache_holds_only_latents():
