@@ -11,6 +11,10 @@ for the same model. When torch and transformers are installed, it writes the wei
     python experiments/bench_sampler.py [--out experiments/results/bench_sampler.json]
         [--batches 16,64] [--prompt_len 32] [--new_tokens 128] [--repeats 3] [--no_hf]
 
+With more than one core, the greedy run is repeated with the batch split over a data mesh
+of one host device per core (each shard an independent rollout), as GRPO's rollouts would
+run on this machine; HF's side already uses every core it is faster with.
+
 tokens/s = batch * new_tokens / wall seconds of one whole generate call (prefill
 included, compile excluded: every program is run once before timing), best of --repeats
 (medians are reported too); the sides are timed interleaved so background load on a
@@ -31,11 +35,16 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
+# One host device per core for the data-mesh run; must be set before jax is imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={os.cpu_count()}")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from r1jax import hf, model, presets, sampler  # noqa: E402
+from r1jax import hf, model, presets, sampler, sharding  # noqa: E402
 
 
 def _summary(times: list[float], n_tokens: int) -> dict:
@@ -43,10 +52,12 @@ def _summary(times: list[float], n_tokens: int) -> dict:
           "seconds": times}
 
 
-def r1jax_runner(cfg, params, prompts_BxP, new_tokens: int, **sampling):
+def r1jax_runner(cfg, params, prompts_BxP, new_tokens: int, mesh=None, **sampling):
+  if mesh is not None:  # placed once, as a training loop's replicated parameters would be
+    params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
   def run():
     out = sampler.generate(params, cfg, prompts_BxP, jax.random.key(0),
-                           max_new_tokens=new_tokens, **sampling)
+                           max_new_tokens=new_tokens, mesh=mesh, **sampling)
     return np.asarray(jax.block_until_ready(out).tokens)
   return run
 
@@ -118,7 +129,8 @@ def main(argv=None) -> dict:
                                                      "per_head_mha": v3["mha"],
                                                      "mha_over_mla": v3["ratio"]}},
       "host": {"python": platform.python_version(), "jax": jax.__version__,
-               "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+               "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+               "devices": len(jax.devices())},
       "runs": []}
   print(f"{args.preset}: {n_params / 1e6:.2f}M params; cache bytes/token: MLA latent "
         f"{cache['latent']} vs per-head MHA {cache['mha']} ({cache['ratio']:.1f}x)")
@@ -138,6 +150,8 @@ def main(argv=None) -> dict:
   if hf_dir:
     hf_model, results["hf_versions"] = load_hf(hf_dir)
     default_threads = results["hf_versions"]["torch_threads"]
+  mesh = sharding.make_mesh({"data": len(jax.devices())}) if len(jax.devices()) > 1 else None
+  mesh_name = f"r1jax_greedy_data_mesh_{len(jax.devices())}"
   rng = np.random.default_rng(0)
   for b in [int(x) for x in args.batches.split(",")]:
     prompts = rng.integers(2, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
@@ -145,6 +159,9 @@ def main(argv=None) -> dict:
     runners = {"r1jax_greedy": r1jax_runner(cfg, params, prompts, args.new_tokens, temperature=0.0),
                "r1jax_sampled_T1_top_p0.95": r1jax_runner(cfg, params, prompts, args.new_tokens,
                                                           temperature=1.0, top_p=0.95)}
+    if mesh is not None and b % len(jax.devices()) == 0:
+      runners[mesh_name] = r1jax_runner(cfg, params, prompts, args.new_tokens, mesh=mesh,
+                                        temperature=0.0)
     run = {"batch": b}
     if hf_model is not None:
       threads, run["torch_threads_16_token_seconds"] = pick_torch_threads(
@@ -161,6 +178,10 @@ def main(argv=None) -> dict:
       run[name] = _summary(times[name], n_tokens)
     line = (f"batch {b:3d}: r1jax greedy {run['r1jax_greedy']['tokens_per_s']:7.0f} tok/s, "
             f"sampled {run['r1jax_sampled_T1_top_p0.95']['tokens_per_s']:7.0f} tok/s")
+    if mesh_name in runners:
+      line += f", greedy on the data mesh {run[mesh_name]['tokens_per_s']:7.0f} tok/s"
+      if not np.array_equal(tokens[mesh_name], tokens["r1jax_greedy"]):
+        raise AssertionError("the data-mesh rollout generated other tokens than one device")
     if hf_model is not None:
       ours, theirs = run["r1jax_greedy"], run["hf_generate_greedy"]
       run["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -171,6 +192,9 @@ def main(argv=None) -> dict:
       line += (f" | HF generate {theirs['tokens_per_s']:6.0f} tok/s | {run['speedup_vs_hf']:.1f}x "
                f"(medians {run['speedup_vs_hf_median']:.1f}x), tokens agree "
                f"{run['token_agreement']:.3f}")
+      if mesh_name in runners:
+        run["speedup_vs_hf_data_mesh"] = run[mesh_name]["tokens_per_s"] / theirs["tokens_per_s"]
+        line += f"; data mesh {run['speedup_vs_hf_data_mesh']:.1f}x"
     print(line, flush=True)
     results["runs"].append(run)
 

@@ -64,7 +64,8 @@ class SampleOutput(NamedTuple):
                    the temperature-1 model, 0 elsewhere.
   truncated:       [B] bool, no EOS id within max_new_tokens (always True without eos_ids).
   prompt_lengths:  [B] int32, n_b; row b's completion starts at column n_b.
-  steps:           [] int32, decode steps run (< max_new_tokens when every row stopped early).
+  steps:           [] int32, decode steps run (< max_new_tokens when every row stopped early;
+                   the most over batch shards when each shard runs its own rollout).
   """
   tokens: jax.Array
   completion_mask: jax.Array
@@ -292,12 +293,22 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
 _JITTED: dict = {}
 
 
-def _jitted_rollout(cfg, **static):
-  """One jitted rollout per (config, sampling settings); jit then caches per shape."""
-  key = (ml_collections.FrozenConfigDict(cfg), tuple(sorted(static.items())))
+def _jitted_rollout(cfg, shard_over=None, **static):
+  """One jitted rollout per (config, sampling settings); jit then caches per shape.
+
+  shard_over: (mesh, batch axes) to run one independent rollout per batch shard with the
+  parameters replicated (shard_map); `steps` then comes back per shard, [shards].
+  """
+  key = (ml_collections.FrozenConfigDict(cfg), shard_over, tuple(sorted(static.items())))
   if key not in _JITTED:
     def fn(params, prompt_BxP, lengths_B, keys_B):
-      return _rollout(params, prompt_BxP, lengths_B, keys_B, cfg=cfg, **static)
+      out = _rollout(params, prompt_BxP, lengths_B, keys_B, cfg=cfg, **static)
+      return out if shard_over is None else out._replace(steps=out.steps[None])
+    if shard_over is not None:
+      mesh, axes = shard_over
+      rows = jax.sharding.PartitionSpec(axes)
+      fn = jax.shard_map(fn, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows, rows),
+                         out_specs=rows, check_vma=False)
     _JITTED[key] = jax.jit(fn)
   return _JITTED[key]
 
@@ -328,7 +339,7 @@ def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: flo
                      f"max_position_embeddings ({cfg.max_position_embeddings})")
   keys_B = _row_keys(key, b)
 
-  cache_sharding = None
+  cache_sharding = shard_over = None
   if mesh is not None:
     from r1jax import sharding  # local import: unsharded rollouts need no mesh code
     split = _batch_split(mesh, sharding.batch_sharding(mesh, 1, None, param_rules))
@@ -340,17 +351,23 @@ def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: flo
       keys_B = jnp.concatenate([keys_B, _row_keys(jax.random.key(0), extra)])
     bs = sharding.batch_sharding(mesh, 2, b + extra, param_rules)
     b1 = sharding.batch_sharding(mesh, 1, b + extra, param_rules)
-    cache_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        *tuple(bs.spec)[:1], None, None))
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, param_rules))
+    param_shardings = sharding.param_shardings(cfg, mesh, param_rules)
+    if split > 1 and all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)):
+      shard_over = (mesh, tuple(b1.spec)[0])
+    else:
+      cache_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+          *tuple(bs.spec)[:1], None, None))
+    params = jax.device_put(params, param_shardings)
     prompt_BxP, lengths_B, keys_B = (jax.device_put(prompt_BxP, bs), jax.device_put(lengths_B, b1),
                                      jax.device_put(keys_B, b1))
 
-  fn = _jitted_rollout(cfg, max_new_tokens=int(max_new_tokens),
+  fn = _jitted_rollout(cfg, shard_over, max_new_tokens=int(max_new_tokens),
                        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                        eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
                        cache_sharding=cache_sharding)
   out = fn(params, prompt_BxP, lengths_B, keys_B)
+  if shard_over is not None:
+    out = out._replace(steps=jnp.max(out.steps))
   width = longest + max_new_tokens
   if out.tokens.shape != (b, width):
     out = SampleOutput(*(x if x.ndim == 0 else (x[:b, :width] if x.ndim == 2 else x[:b])

@@ -278,15 +278,23 @@ def test_sample_frequencies_follow_temperature():
 
 # ---------------------------------------------------------------------------- sharding
 
-@pytest.mark.parametrize("n_prompts", [8, 5])
-def test_sharded_rollout_equals_unsharded(n_prompts):
+@pytest.mark.parametrize("n_prompts,axes,eos", [
+    (8, {"data": 2, "fsdp": 2, "expert": 2}, False),  # sharded params: one partitioned program
+    (5, {"data": 2, "fsdp": 2, "expert": 2}, False),
+    (8, {"data": 8}, False),                          # replicated params: a rollout per shard
+    (5, {"data": 8}, True),                           # ... each stopping at its own EOS
+])
+def test_sharded_rollout_equals_unsharded(n_prompts, axes, eos):
   cfg, params = _load("v3")
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+  mesh = sharding.make_mesh(axes)
   prompts = (PROMPTS * 2)[:n_prompts]
   keys = jax.random.split(jax.random.key(1), n_prompts)
-  ref = sampler.generate(params, cfg, prompts, keys, max_new_tokens=NEW)
+  eos_ids = tuple(range(0, cfg.vocab_size, 2)) if eos else ()
+  ref = sampler.generate(params, cfg, prompts, keys, max_new_tokens=NEW, eos_ids=eos_ids)
+  if eos:  # rows (one per shard below) stop at different steps, some before the end
+    assert len(set(np.asarray(ref.lengths).tolist())) > 1 and int(np.min(ref.lengths)) < NEW
   out = sampler.generate(params, cfg, prompts, keys, max_new_tokens=NEW, mesh=mesh,
-                         prompt_bucket=1)
+                         prompt_bucket=1, eos_ids=eos_ids)
   for a, b in zip(ref, out):
     if a.dtype == jnp.float32:
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
