@@ -86,7 +86,7 @@ def run(cfg, workdir: str) -> dict:
   from r1jax import pipeline
   task, tokenizer, model_cfg = pipeline.build(cfg)
   params = pipeline.latest_params(cfg, workdir, model_cfg)
-  result = evaluate(params, model_cfg, task, tokenizer, cfg.eval)
+  result = evaluate(params, model_cfg, task, tokenizer, cfg.eval, mesh=pipeline.mesh_of(cfg))
   print(json.dumps(result, indent=2))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "eval.json"), "w") as f:

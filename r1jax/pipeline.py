@@ -39,6 +39,16 @@ def build(cfg):
   return task, tokenizer, model_cfg
 
 
+def mesh_of(cfg):
+  """The config's device mesh from `cfg.mesh` (axis sizes, e.g. {'data': -1}; see
+  sharding.make_mesh), or None (absent or empty: one device)."""
+  shape = cfg.get("mesh")
+  if not shape:
+    return None
+  from r1jax import sharding
+  return sharding.make_mesh(dict(shape))
+
+
 def trace_task(cfg):
   """The task the cold-start traces come from (task kwargs + task.trace_overrides)."""
   kwargs = {**cfg.task.kwargs.to_dict(), **cfg.task.trace_overrides.to_dict()}
@@ -60,9 +70,9 @@ def _save_stages(workdir, stages):
   os.replace(path + ".tmp", path)
 
 
-def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg):
+def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, mesh):
   if key not in stages:
-    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg)
+    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg, mesh=mesh)
     _save_stages(workdir, stages)
   r = stages[key]
   print(f"[{key}] held-out pass@1 {r['pass@1']:.3f}  format {r['format_rate']:.3f}")
@@ -83,22 +93,27 @@ def run(cfg, workdir: str) -> dict:
   print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
         f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
 
+  mesh = mesh_of(cfg)
   params0 = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
   traces = trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   # -------------------------------------------------------------------- 1. cold start
   params_sft, sft_info = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer,
-                                   params=params0, examples=traces, seed=cfg.seed, name="sft")
+                                   params=params0, examples=traces, seed=cfg.seed, name="sft",
+                                   mesh=mesh)
   stages["sft"] = sft_info
   _save_stages(workdir, stages)
-  before = _evaluate(stages, "eval_sft", workdir, params_sft, model_cfg, task, tokenizer, cfg.eval)
+  before = _evaluate(stages, "eval_sft", workdir, params_sft, model_cfg, task, tokenizer, cfg.eval,
+                     mesh)
   # -------------------------------------------------------------------- 2. GRPO
   params_grpo, grpo_info = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer,
                                     params=params_sft, task_name=cfg.task.name,
-                                    task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed)
+                                    task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
+                                    mesh=mesh)
   grpo_time = grpo_info["sample_s"] + grpo_info["verify_s"] + grpo_info["train_s"]
   stages["grpo"] = grpo_info
   _save_stages(workdir, stages)
-  after = _evaluate(stages, "eval_grpo", workdir, params_grpo, model_cfg, task, tokenizer, cfg.eval)
+  after = _evaluate(stages, "eval_grpo", workdir, params_grpo, model_cfg, task, tokenizer, cfg.eval,
+                    mesh)
   # -------------------------------------------------------------------- 3. SFT control
   control = None
   if cfg.control:
@@ -107,11 +122,11 @@ def run(cfg, workdir: str) -> dict:
     params_ctrl, ctrl_info = sft.train(model_cfg, cfg.sft, workdir, task=task,
                                        tokenizer=tokenizer, params=params_sft, examples=traces,
                                        seed=cfg.seed + 1, steps=steps, time_budget_s=grpo_time,
-                                       name="sft_control")
+                                       name="sft_control", mesh=mesh)
     stages["sft_control"] = ctrl_info
     _save_stages(workdir, stages)
     control = _evaluate(stages, "eval_sft_control", workdir, params_ctrl, model_cfg, task,
-                        tokenizer, cfg.eval)
+                        tokenizer, cfg.eval, mesh)
   # -------------------------------------------------------------------- summary
   wall = stages["wall_time_before_s"] + (time.time() - t_start)
   summary = {
@@ -222,4 +237,5 @@ def run_grpo_only(cfg, workdir: str):
     print("no SFT checkpoint in workdir: starting from random init (R1-Zero)")
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
   return rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
-                  task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed)
+                  task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
+                  mesh=mesh_of(cfg))

@@ -34,7 +34,7 @@ import numpy as np
 from r1jax import checkpoint as ckpt_lib
 from r1jax import data as data_lib
 from r1jax import evaluate as eval_lib
-from r1jax import grpo, optim, sampler
+from r1jax import grpo, optim, sampler, sharding
 from r1jax import metrics as metrics_lib
 from r1jax import model as model_lib
 from r1jax.sft import check_finite, check_params_finite, global_norm
@@ -198,14 +198,15 @@ class Scorer:
       self.pool.close()
 
 
-def rollout(params, model_cfg, gcfg, batch: data_lib.PromptBatch, key, tokenizer):
+def rollout(params, model_cfg, gcfg, batch: data_lib.PromptBatch, key, tokenizer, mesh=None,
+            param_rules=None):
   """G completions per prompt; returns (SampleOutput, completion texts)."""
   prompts = [list(batch.tokens_BxL[i, :batch.lengths_B[i]]) for i in range(len(batch.lengths_B))]
   rows = [p for p in prompts for _ in range(gcfg.G)]
   out = sampler.generate(params, model_cfg, rows, key, max_new_tokens=gcfg.max_new_tokens,
                          temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k,
                          eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-                         prompt_bucket=gcfg.max_prompt_len)
+                         prompt_bucket=gcfg.max_prompt_len, mesh=mesh, param_rules=param_rules)
   return out, eval_lib.completions_text(out, tokenizer)
 
 
@@ -218,10 +219,12 @@ def _group_std(rewards, g):
 
 def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: str = "",
           task_kwargs: dict | None = None, seed: int = 0, name: str = "grpo",
-          progress: bool = True, stop_after: int | None = None):
+          progress: bool = True, stop_after: int | None = None, mesh=None, param_rules=None):
   """Runs gcfg.steps GRPO steps from `params`; returns (params, info). Resumes if possible.
 
   stop_after: return after this many steps of this call (tests use it to interrupt a run).
+  mesh / param_rules: parameters, optimizer state and minibatches laid out as in
+  `sharding` (batch over the batch axes), rollouts sharded likewise; None: one device.
   """
   validate(gcfg)
   run_dir = os.path.join(workdir, name)
@@ -229,7 +232,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
                                max_prompt_len=gcfg.max_prompt_len, seed=seed)
   it = iter(ds)
   optimizer = optim.make_optimizer(gcfg.optimizer, gcfg.steps)
-  params = jax.tree.map(jnp.array, params)  # a copy: the caller's arrays are never donated
+  # a copy: the caller's arrays are never donated
+  params = sharding.place_params(jax.tree.map(jnp.array, params), model_cfg, mesh, param_rules)
   state = {"params": params, "opt_state": optimizer.init(params),
            "ref_params": jax.tree.map(jnp.copy, params),  # own buffers: the state is donated
            "step": jnp.int32(0)}
@@ -263,7 +267,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
         batch = next(it)
         ts = time.perf_counter()
         out, texts = rollout(state["params"], model_cfg, gcfg, batch,
-                             jax.random.fold_in(step_key, tries), tokenizer)
+                             jax.random.fold_in(step_key, tries), tokenizer, mesh, param_rules)
         prompts = [p for p in batch.prompts for _ in range(gcfg.G)]
         examples = [e for e in batch.examples for _ in range(gcfg.G)]
         handle = scorer.submit(prompts, texts, examples)
@@ -283,7 +287,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       # ---------------------------------------------------------------- build the batch
       rows = _assemble(groups, gcfg, n_rows)
       if gcfg.beta > 0:
-        rows["ref_logp"] = np.asarray(ref_logprobs(state["ref_params"], jnp.asarray(rows["tokens"])))
+        tokens = sharding.place_batch({"tokens": rows["tokens"]}, mesh, param_rules)["tokens"]
+        rows["ref_logp"] = np.asarray(ref_logprobs(state["ref_params"], tokens))
         rows["ref_logp"] = np.concatenate([np.zeros_like(rows["ref_logp"][:, :1]), rows["ref_logp"]], 1)
       else:
         rows["ref_logp"] = np.zeros_like(rows["old_logp"])
@@ -295,7 +300,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(step_key, 1000 + epoch), n_rows))
         for j in range(gcfg.minibatches):
           idx = perm[j * mb_size:(j + 1) * mb_size]
-          mb = {k: jnp.asarray(v[idx]) for k, v in rows.items() if k != "info"}
+          mb = sharding.place_batch({k: v[idx] for k, v in rows.items() if k != "info"}, mesh,
+                                    param_rules)
           state, m = update(state, mb)
           ms.append(m)
       state["step"] = state["step"] + 1

@@ -17,7 +17,7 @@ import numpy as np
 
 from r1jax import checkpoint as ckpt_lib
 from r1jax import data as data_lib
-from r1jax import losses, metrics as metrics_lib, optim
+from r1jax import losses, metrics as metrics_lib, optim, sharding
 from r1jax import model as model_lib
 
 
@@ -83,12 +83,13 @@ def check_finite(step: int, metrics: dict, what: str = "loss") -> None:
 
 def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, seed: int = 0,
           steps: int | None = None, time_budget_s: float | None = None, name: str = "sft",
-          progress: bool = True):
+          progress: bool = True, mesh=None, param_rules=None):
   """Trains on `examples`' traces; returns (params, info dict).
 
   steps: number of optimizer steps (default scfg.steps). time_budget_s: stop early once this
   much wall-clock training time is spent (the SFT control arm). The run lives in
-  workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes.
+  workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes. mesh / param_rules:
+  parameters, optimizer state and batches laid out as in `sharding`; None: one device.
   """
   total = int(steps if steps is not None else scfg.steps)
   run_dir = os.path.join(workdir, name)
@@ -96,7 +97,8 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
                             global_batch_size=scfg.batch_size, seed=seed)
   it = iter(ds)
   optimizer = optim.make_optimizer(scfg.optimizer, total)
-  params = jax.tree.map(jnp.array, params)  # a copy: the caller's arrays are never donated
+  # a copy: the caller's arrays are never donated
+  params = sharding.place_params(jax.tree.map(jnp.array, params), model_cfg, mesh, param_rules)
   state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
   elapsed = 0.0
   manager = ckpt_lib.CheckpointManager(run_dir, scfg.max_to_keep)
@@ -123,7 +125,7 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   try:
     while step < total and (time_budget_s is None or elapsed < time_budget_s):
       t0 = time.perf_counter()
-      batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+      batch = sharding.place_batch(next(it), mesh, param_rules)
       state, m = train_step(state, batch)
       jax.block_until_ready(state["step"])
       elapsed += time.perf_counter() - t0
@@ -153,4 +155,4 @@ def run(cfg, workdir: str):
   traces = pipeline.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
   return train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params,
-               examples=traces, seed=cfg.seed)
+               examples=traces, seed=cfg.seed, mesh=pipeline.mesh_of(cfg))

@@ -119,3 +119,18 @@ def init_sharded_params(cfg, key, mesh: Mesh, rules: Mapping | None = None):
   from r1jax import model
   shardings = param_shardings(cfg, mesh, rules)
   return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=shardings)(key)
+
+
+def place_params(params, cfg, mesh: Mesh | None, rules: Mapping | None = None):
+  """params laid out by `param_shardings` (the training loops' placement); as is without a mesh."""
+  if mesh is None:
+    return params
+  return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+def place_batch(batch: Mapping, mesh: Mesh | None, rules: Mapping | None = None) -> dict:
+  """Host arrays -> device arrays, each leading (batch) dim split over the batch axes."""
+  if mesh is None:
+    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v), np.shape(v)[0], rules))
+          for k, v in batch.items()}

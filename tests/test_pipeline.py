@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -117,3 +119,14 @@ def test_latest_params_prefers_grpo_over_sft(finished, tmp_path, capsys):
   assert f"loaded sft checkpoint at step {cfg.sft.steps}" in capsys.readouterr().out
   with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
     pipeline.latest_params(cfg, str(tmp_path / "empty"), model_cfg)
+
+
+def test_mesh_of_reads_the_config_field():
+  cfg = tiny_runs.load_config()
+  assert "mesh" not in cfg and pipeline.mesh_of(cfg) is None
+  cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 2})
+  mesh = pipeline.mesh_of(cfg)
+  assert mesh.shape["data"] * 2 == len(jax.devices()) and mesh.shape["fsdp"] == 2
+  cfg.mesh = ml_collections.ConfigDict({"dp": 2})
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    pipeline.mesh_of(cfg)

@@ -59,12 +59,10 @@ _leaves = tiny_runs.leaves
 # ------------------------------------------------------------------------ one step
 
 
-@pytest.fixture(scope="module")
-def one_step(built, tmp_path_factory):
-  """One GRPO step with a reward that splits the completions (crc32 parity of the text)."""
-  cfg = built[0]
+def _parity_task(cfg, calls: list):
+  """The config's task with a reward that splits completions (crc32 parity of the text);
+  every (completion, reward) is appended to `calls`."""
   task = _fresh_task(cfg)
-  calls = []
 
   def reward(prompt, completion, **fields):
     del prompt, fields
@@ -73,6 +71,14 @@ def one_step(built, tmp_path_factory):
     return r
 
   task.reward = reward
+  return task
+
+
+@pytest.fixture(scope="module")
+def one_step(built, tmp_path_factory):
+  """One GRPO step with a reward that splits the completions (crc32 parity of the text)."""
+  calls = []
+  task = _parity_task(built[0], calls)
   workdir = tmp_path_factory.mktemp("grpo_one_step")
   params, info = _train(built, workdir, task, steps=1)
   return workdir, params, info, calls
@@ -245,3 +251,29 @@ def test_assemble_widens_refills_of_different_prompt_widths():
   assert not rows["mask"][4:].any() and not rows["tokens"][4:].any()
   np.testing.assert_allclose(rows["advantages"][:4], [1.0, -1.0, -1.0, 1.0], atol=1e-5)
   assert rows["info"]["rows_trained"] == 4
+
+
+# ------------------------------------------------------------------------ sharded
+
+
+def test_sharded_step_equals_one_device(built, one_step, tmp_path):
+  """The same GRPO step with parameters, optimizer state, minibatches and rollouts laid out
+  over a data x fsdp x expert mesh: the same completions and (up to float reduction order)
+  the same parameters as on one device."""
+  from r1jax import sharding
+  cfg, _, tokenizer, model_cfg, params = built
+  calls = []
+  task = _parity_task(cfg, calls)
+  gcfg = copy.deepcopy(cfg.grpo)
+  gcfg.steps = 1
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+  got, _ = rl.train(model_cfg, gcfg, str(tmp_path), task=task, tokenizer=tokenizer,
+                    params=params, task_name=cfg.task.name, seed=cfg.seed, progress=False,
+                    mesh=mesh)
+  _, want, _, want_calls = one_step
+  assert calls == want_calls
+  assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+             for x in jax.tree.leaves(got)), "no parameter was sharded"
+  got, want = _leaves(got), _leaves(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-4, err_msg=k)
