@@ -183,11 +183,11 @@ def _attention(p: dict, x_BxLxD, kv_BxSxK, positions_BxL, mask_BxLxS, cfg, fresh
   return dense(o_BxLxHxA.reshape(b, l, -1), p["wo"]), kv_BxSxK
 
 
-def init_caches(cfg, batch: int, max_len: int, dtype=None) -> list:
+def init_caches(cfg, batch: int, max_len: int) -> list:
   """Empty per-layer caches kv [B, max_len, C + R] (c_kv then k_rope) in cfg.dtype."""
-  dtype = dtype or model._DTYPES[cfg.dtype]
   k = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-  return [jnp.zeros((batch, max_len, k), dtype) for _ in range(cfg.num_hidden_layers)]
+  return [jnp.zeros((batch, max_len, k), model._DTYPES[cfg.dtype])
+          for _ in range(cfg.num_hidden_layers)]
 
 
 def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, read_B=None,
@@ -196,7 +196,7 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
 
   The new latents are written at cache slot = position, and a query at position q attends
   to slots <= q, so stale slots (e.g. a shorter prompt's padding) are overwritten before
-  anything reads them. caches: per layer kv [B, S, C + R] (`init_caches`, `split_cache`).
+  anything reads them. caches: per layer kv [B, S, C + R] (`init_caches`).
   Returns (logits [B, V] float32 of the token at column read_B of each row (default the
   last), caches): the prefill reads each prompt's last token, a decode step its only one.
   fresh=True promises empty caches and positions 0..L-1 in every row (a prefill): attention
@@ -225,25 +225,3 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
   normed_BxD = rms_norm(h_BxD, dparams["final_norm"], cfg.rms_norm_eps)
   logits_BxV = jnp.matmul(normed_BxD, dparams["head_DxV"], preferred_element_type=jnp.float32)
   return logits_BxV, new_caches
-
-
-def split_cache(cache: dict) -> list:
-  """model.init_cache's stacked {'ckv', 'krope'} -> per layer kv [B, S, C + R]."""
-  return [jnp.concatenate([cache["ckv"][i], cache["krope"][i]], axis=-1)
-          for i in range(cache["ckv"].shape[0])]
-
-
-def stack_cache(caches: list, cfg) -> dict:
-  """Per layer kv [B, S, C + R] -> model.init_cache's stacked {'ckv', 'krope'}."""
-  kv = jnp.stack(caches)
-  return {"ckv": kv[..., :cfg.kv_lora_rank], "krope": kv[..., cfg.kv_lora_rank:]}
-
-
-def decode_step(params, cfg, tokens_B, positions_B, cache):
-  """One new token per row at `positions_B` over a stacked cache; returns (logits [B, V], cache).
-
-  A convenience wrapper (tests, single steps); the sampler keeps the per-layer form.
-  """
-  logits_BxV, caches = decode_layers(decode_params(params, cfg), cfg, tokens_B[:, None],
-                                     positions_B[:, None], split_cache(cache))
-  return logits_BxV, stack_cache(caches, cfg)

@@ -212,7 +212,7 @@ def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=Non
   """Runs the padded prompts once into fresh latent caches of `max_len` slots.
 
   Returns (next-token logits [B, V] float32 read at index lengths_B - 1, caches: per layer
-  kv [B, max_len, C + R], see `decode.split_cache`). `dparams` is `decode.decode_params`
+  kv [B, max_len, C + R], see `decode.init_caches`). `dparams` is `decode.decode_params`
   (computed here when not given).
   """
   b, p = prompt_BxP.shape
@@ -233,7 +233,7 @@ def _constrain(caches: list, cache_sharding):
 
 class _State(NamedTuple):
   t: jax.Array             # [] completion index of the token emitted next
-  caches: list             # per layer kv [B, S, C + R] (decode.split_cache)
+  caches: list             # per layer kv [B, S, C + R] (decode.init_caches)
   last_B: jax.Array        # the token emitted at step t - 1
   done_B: jax.Array        # the row has emitted an EOS id
   tokens_BxW: jax.Array

@@ -94,14 +94,14 @@ def test_prefill_then_decode_equals_full_forward():
   prompt_BxP, lens = sampler.pad_prompts([seq_BxL[0, :3], seq_BxL[1, :7]], pad_id=0, bucket=8)
   np.testing.assert_array_equal(lens, lengths)
   prefill = jax.jit(lambda p, t, n: sampler.prefill(p, cfg, t, n, 8 + n_steps))
-  step = jax.jit(lambda p, t, pos, c: decode.decode_step(p, cfg, t, pos, c))
+  step = jax.jit(lambda p, t, pos, c: decode.decode_layers(decode.decode_params(p, cfg), cfg,
+                                                           t[:, None], pos[:, None], c))
   logits, caches = prefill(params, jnp.asarray(prompt_BxP), jnp.asarray(lens))
-  cache = decode.stack_cache(caches, cfg)
   rows = np.arange(2)
   np.testing.assert_allclose(np.asarray(logits), full[rows, lengths - 1], atol=1e-4, rtol=1e-4)
   for i in range(n_steps):
     pos = lengths + i
-    logits, cache = step(params, jnp.asarray(seq_BxL[rows, pos]), jnp.asarray(pos), cache)
+    logits, caches = step(params, jnp.asarray(seq_BxL[rows, pos]), jnp.asarray(pos), caches)
     np.testing.assert_allclose(np.asarray(logits), full[rows, pos], atol=1e-4, rtol=1e-4)
 
 
