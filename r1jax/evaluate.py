@@ -39,34 +39,40 @@ def completions_text(out: sampler.SampleOutput, tokenizer) -> list[str]:
   return [tokenizer.decode(tokens[i, starts[i]:starts[i] + lengths[i]]) for i in range(len(tokens))]
 
 
-def evaluate(params, model_cfg, task, tokenizer, ecfg, *, mesh=None) -> dict:
-  """Samples k completions for each of the first num_problems examples of ecfg.split."""
-  examples = task.examples(ecfg.split, ecfg.num_problems, seed=ecfg.seed)
+def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, mesh=None):
+  """ecfg.k completions of each example, ecfg.batch_size rows per generate call.
+
+  Yields (example index, sample index, completion text, length, truncated) in order.
+  """
   prompts = [tokenizer.encode(task.prompt(ex), add_bos=True) for ex in examples]
-  rows = [(i, p) for i, p in enumerate(prompts) for _ in range(ecfg.k)]
-  correct = np.zeros((len(examples), ecfg.k), bool)
-  answers = [[None] * ecfg.k for _ in examples]
-  formatted, lengths, truncated = [], [], []
+  rows = [(i, s, p) for i, p in enumerate(prompts) for s in range(ecfg.k)]
   key = jax.random.key(ecfg.seed)
-  seen = collections.Counter()
   for start in range(0, len(rows), ecfg.batch_size):
     chunk = rows[start:start + ecfg.batch_size]
     # Pad the last chunk to the full batch so one program serves every call.
     padded = chunk + [chunk[-1]] * (ecfg.batch_size - len(chunk))
-    out = sampler.generate(params, model_cfg, [p for _, p in padded], jax.random.fold_in(key, start),
-                           max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
+    out = sampler.generate(params, model_cfg, [p for _, _, p in padded],
+                           jax.random.fold_in(key, start), max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
                            eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, mesh=mesh)
     texts = completions_text(out, tokenizer)
-    for j, (i, _) in enumerate(chunk):
-      s = seen[i]
-      seen[i] += 1
-      ex = examples[i]
-      correct[i, s] = task.is_correct(texts[j], **ex.reward_kwargs())
-      parsed = base.parse_response(texts[j])
-      formatted.append(parsed is not None)
-      answers[i][s] = parsed[1].strip() if parsed else None
-      lengths.append(int(out.lengths[j]))
-      truncated.append(bool(out.truncated[j]))
+    for j, (i, s, _) in enumerate(chunk):
+      yield i, s, texts[j], int(out.lengths[j]), bool(out.truncated[j])
+
+
+def evaluate(params, model_cfg, task, tokenizer, ecfg, *, mesh=None) -> dict:
+  """Samples k completions for each of the first num_problems examples of ecfg.split."""
+  examples = task.examples(ecfg.split, ecfg.num_problems, seed=ecfg.seed)
+  correct = np.zeros((len(examples), ecfg.k), bool)
+  answers = [[None] * ecfg.k for _ in examples]
+  formatted, lengths, truncated = [], [], []
+  for i, s, text, length, trunc in sample_completions(params, model_cfg, task, tokenizer, ecfg,
+                                                      examples, mesh=mesh):
+    correct[i, s] = task.is_correct(text, **examples[i].reward_kwargs())
+    parsed = base.parse_response(text)
+    formatted.append(parsed is not None)
+    answers[i][s] = parsed[1].strip() if parsed else None
+    lengths.append(length)
+    truncated.append(trunc)
   maj = []
   for i in range(len(examples)):
     votes = collections.Counter(a for a in answers[i] if a is not None)

@@ -2,10 +2,11 @@
 
   python experiments/r1_tiny/error_breakdown.py --workdir=workdir/r1_tiny_seeds/seed0
 
-For every stage with a checkpoint (cold start `sft`, the `sft_control` arm, `grpo`), greedy
-answers to the held-out sums fall into: correct (split by whether the sum has a final carry),
-`teacher_slip` (the true sum without its leading carry digit: the flaw the cold-start traces
-teach), `malformed` (no <answer>) and `other_wrong`. The counts go to stdout and to
+For every stage with a checkpoint (cold start `sft`, the `sft_control` arm, `grpo`), the
+answers to the held-out sums, sampled as `eval` mode samples them (greedy by default), fall
+into: correct (split by whether the sum has a final carry), `teacher_slip` (the true sum
+without its leading carry digit: the flaw the cold-start traces teach), `malformed` (no
+<answer>) and `other_wrong`. The counts go to stdout and to
 <workdir>/error_breakdown.json; they show which errors GRPO removes and SFT cannot.
 """
 from __future__ import annotations
@@ -14,11 +15,10 @@ import collections
 import json
 import os
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from r1jax import evaluate, pipeline, sampler
+from r1jax import evaluate, pipeline
 from r1jax.tasks import base
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/r1_tiny.py", "Run config.")
@@ -41,17 +41,12 @@ def classify(completion: str, answer: str, task) -> str:
 
 
 def breakdown(params, cfg, task, tokenizer, model_cfg) -> dict:
-  ecfg = cfg.eval
-  examples = task.examples(ecfg.split, ecfg.num_problems, seed=ecfg.seed)
-  counts = collections.Counter()
-  for start in range(0, len(examples), ecfg.batch_size):
-    chunk = examples[start:start + ecfg.batch_size]
-    prompts = [tokenizer.encode(task.prompt(ex), add_bos=True) for ex in chunk]
-    out = sampler.generate(params, model_cfg, prompts, jax.random.key(0),
-                           max_new_tokens=ecfg.max_new_tokens, temperature=0.0,
-                           eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-    for ex, text in zip(chunk, evaluate.completions_text(out, tokenizer)):
-      counts[classify(text, ex.answer, task)] += 1
+  """Bin counts over the k samples of each held-out problem (`evaluate`'s sampling)."""
+  examples = task.examples(cfg.eval.split, cfg.eval.num_problems, seed=cfg.eval.seed)
+  counts = collections.Counter(
+      classify(text, examples[i].answer, task)
+      for i, _, text, _, _ in evaluate.sample_completions(params, model_cfg, task, tokenizer,
+                                                          cfg.eval, examples))
   return dict(sorted(counts.items()))
 
 
