@@ -54,7 +54,7 @@ def _summary(times: list[float], n_tokens: int) -> dict:
 
 def r1jax_runner(cfg, params, prompts_BxP, new_tokens: int, mesh=None, **sampling):
   if mesh is not None:  # placed once, as a training loop's replicated parameters would be
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    params = sharding.place_params(params, cfg, mesh)
   def run():
     out = sampler.generate(params, cfg, prompts_BxP, jax.random.key(0),
                            max_new_tokens=new_tokens, mesh=mesh, **sampling)
