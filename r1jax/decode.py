@@ -103,7 +103,7 @@ def expert_capacity(tokens: int, cfg) -> int:
   return int(min(tokens, slots))
 
 
-def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
+def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None, expert_axis=None):
   """Routed + shared experts for a few tokens, exactly: no token is ever dropped.
 
   Expert-major: the T*K (token, expert) assignments are ranked within their expert in
@@ -112,38 +112,53 @@ def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None):
   gate weight, to its token. ceil(max load / c) rounds run (one, unless the routing is
   very uneven), so the result never depends on the capacity c (default
   `expert_capacity(T, cfg)`). `p` is one layer's 'moe' entry of `decode_params`.
+
+  expert_axis: inside shard_map, the mesh axis (or axes) the routed experts are split over,
+  each shard holding its own rows and E / n experts (DeepSeek-V3 section 3.4: attention
+  data-parallel, experts expert-parallel). The shards' tokens are all-gathered, each shard
+  runs its experts over all of them, and the partial outputs are reduce-scattered back to
+  the rows they came from: every shard reads only its share of the expert weights.
   """
+  x_local = x_TxD
+  if expert_axis is not None:
+    x_TxD = jax.lax.all_gather(x_local, expert_axis, axis=0, tiled=True)
   t, d = x_TxD.shape
-  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  w = p["experts"]
+  e, k = w["w_gu"].shape[0], cfg.num_experts_per_tok
   c = expert_capacity(t, cfg) if capacity is None else int(capacity)
   if c < 1:
     raise ValueError(f"capacity must be >= 1, got {c}")
   idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
   expert_A = idx_TxK.reshape(t * k)
-  onehot_AxE = jax.nn.one_hot(expert_A, e, dtype=jnp.int32)
+  weight_A = weights_TxK.reshape(t * k).astype(x_TxD.dtype)
+  if expert_axis is not None:  # this shard's experts are [first, first + e); others drop
+    expert_A = expert_A - jax.lax.axis_index(expert_axis) * e
+    mine_A = (expert_A >= 0) & (expert_A < e)
+    expert_A, weight_A = jnp.where(mine_A, expert_A, e), jnp.where(mine_A, weight_A, 0)
+  onehot_AxE = jax.nn.one_hot(expert_A, e, dtype=jnp.int32)  # all zero at expert e
   rank_A = jnp.sum((jnp.cumsum(onehot_AxE, axis=0) - 1) * onehot_AxE, axis=1)
   n_rounds = (jnp.max(jnp.sum(onehot_AxE, axis=0)) + c - 1) // c
   token_A = jnp.arange(t * k) // k
-  weight_A = weights_TxK.reshape(t * k).astype(x_TxD.dtype)
   x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])  # row t: empty slots
-  w = p["experts"]
   f = w["w_down"].shape[1]
 
   def one_round(r, y_TxD):
     slot_A = rank_A - r * c
-    in_round_A = (slot_A >= 0) & (slot_A < c)
+    in_round_A = (slot_A >= 0) & (slot_A < c) & (expert_A < e)
     table_ExC = jnp.full((e, c), t, jnp.int32).at[
         expert_A, jnp.where(in_round_A, slot_A, c)].set(token_A, mode="drop")
     gu_ExCxF2 = jnp.einsum("ecd,edf->ecf", x_pad[table_ExC], w["w_gu"])
     h_ExCxF = jax.nn.silu(gu_ExCxF2[..., :f]) * gu_ExCxF2[..., f:]
     out_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, w["w_down"])
-    out_AxD = out_ExCxD[expert_A, jnp.clip(slot_A, 0, c - 1)]
+    out_AxD = out_ExCxD[jnp.minimum(expert_A, e - 1), jnp.clip(slot_A, 0, c - 1)]
     out_AxD = out_AxD * jnp.where(in_round_A, weight_A, 0)[:, None]
     return y_TxD + out_AxD.reshape(t, k, d).sum(axis=1)
 
   y_TxD = jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros_like(x_TxD))
+  if expert_axis is not None:
+    y_TxD = jax.lax.psum_scatter(y_TxD, expert_axis, scatter_dimension=0, tiled=True)
   if "shared" in p:
-    y_TxD = y_TxD + _swiglu_gu(x_TxD, p["shared"])
+    y_TxD = y_TxD + _swiglu_gu(x_local, p["shared"])
   return y_TxD
 
 
@@ -191,7 +206,7 @@ def init_caches(cfg, batch: int, max_len: int) -> list:
 
 
 def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, read_B=None,
-                  fresh: bool = False):
+                  fresh: bool = False, expert_axis=None):
   """L tokens per row through the unrolled layers, absorbed attention over the latents.
 
   The new latents are written at cache slot = position, and a query at position q attends
@@ -201,6 +216,7 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
   last), caches): the prefill reads each prompt's last token, a decode step its only one.
   fresh=True promises empty caches and positions 0..L-1 in every row (a prefill): attention
   then runs over the L new latents only instead of every cache slot.
+  expert_axis: the routed experts are split over this mesh axis (see `moe_decode`).
   """
   b, l = tokens_BxL.shape
   s = caches[0].shape[1]
@@ -215,7 +231,8 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
     new_caches.append(kv_BxSxK)
     h_BxLxD = h_BxLxD + y_BxLxD
     x_TxD = rms_norm(h_BxLxD, p["mlp_norm"], cfg.rms_norm_eps).reshape(b * l, -1)
-    y_TxD = _swiglu_gu(x_TxD, p["mlp"]) if "mlp" in p else moe_decode(p["moe"], x_TxD, cfg)
+    y_TxD = _swiglu_gu(x_TxD, p["mlp"]) if "mlp" in p else moe_decode(p["moe"], x_TxD, cfg,
+                                                                      expert_axis=expert_axis)
     h_BxLxD = h_BxLxD + y_TxD.reshape(b, l, -1)
   if l == 1:
     h_BxD = h_BxLxD[:, 0]

@@ -38,7 +38,12 @@ Sharded rollouts: pass `mesh` (from `sharding.make_mesh`); the batch is split ov
 mesh's batch axes (rows are padded up to a multiple of that split and dropped afterwards),
 the parameters are placed with `sharding.param_shardings(cfg, mesh, param_rules)` (the
 training layout, or a rollout-specific rules override) and the cache is split like the
-batch.
+batch. Two layouts run one rollout per batch shard under shard_map: all parameters
+replicated (shards never communicate, each stops at its own EOS), and replicated except
+the routed experts split over batch axes such as 'expert' (DeepSeek-V3 section 3.4's
+deployment: attention data-parallel, MoE expert-parallel, tokens exchanged at each MoE
+layer, so each shard reads only its share of the expert weights). Other layouts run as
+one jit-partitioned program.
 """
 from __future__ import annotations
 
@@ -208,12 +213,12 @@ def _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad
 # ---------------------------------------------------------------------------- model steps
 
 def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None,
-            dparams=None):
+            dparams=None, expert_axis=None):
   """Runs the padded prompts once into fresh latent caches of `max_len` slots.
 
   Returns (next-token logits [B, V] float32 read at index lengths_B - 1, caches: per layer
   kv [B, max_len, C + R], see `decode.init_caches`). `dparams` is `decode.decode_params`
-  (computed here when not given).
+  (computed here when not given); expert_axis as in `decode.moe_decode`.
   """
   b, p = prompt_BxP.shape
   if max_len < p:
@@ -222,7 +227,7 @@ def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=Non
   caches = _constrain(decode.init_caches(cfg, b, max_len), cache_sharding)
   positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
   return decode.decode_layers(dparams, cfg, prompt_BxP, positions_BxP, caches,
-                              read_B=lengths_B - 1, fresh=True)
+                              read_B=lengths_B - 1, fresh=True, expert_axis=expert_axis)
 
 
 def _constrain(caches: list, cache_sharding):
@@ -239,16 +244,22 @@ class _State(NamedTuple):
   tokens_BxW: jax.Array
   mask_BxW: jax.Array
   logprobs_BxW: jax.Array
+  finished: jax.Array      # [] every row has emitted an EOS id (in every expert shard)
 
 
 def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temperature,
-             top_p, top_k, eos_ids, pad_id, cache_sharding):
-  """The jitted body of `generate` (see the module docstring for the layout)."""
+             top_p, top_k, eos_ids, pad_id, cache_sharding, expert_axis=None):
+  """The jitted body of `generate` (see the module docstring for the layout).
+
+  expert_axis: run inside shard_map with the routed experts split over this mesh axis; the
+  shards along it exchange tokens at every MoE layer, so they stop together.
+  """
   b, p = prompt_BxP.shape
   w = p + max_new_tokens
   rows_B = jnp.arange(b)
   dparams = decode.decode_params(params, cfg)
-  logits_BxV, caches = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding, dparams)
+  logits_BxV, caches = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding, dparams,
+                               expert_axis)
   constrain = lambda caches: _constrain(caches, cache_sharding)
   eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
 
@@ -261,8 +272,12 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
     tok_B = jnp.where(active_B, tok_B, pad_id)
     col_B = lengths_B + st.t
     hit_B = jnp.isin(tok_B, eos) if eos is not None else jnp.zeros((b,), bool)
+    done_B = st.done_B | (active_B & hit_B)
+    finished = jnp.all(done_B)
+    if expert_axis is not None:
+      finished = jax.lax.pmin(finished.astype(jnp.int32), expert_axis) > 0
     return st._replace(
-        last_B=tok_B, done_B=st.done_B | (active_B & hit_B),
+        last_B=tok_B, done_B=done_B, finished=finished,
         tokens_BxW=st.tokens_BxW.at[rows_B, col_B].set(tok_B),
         mask_BxW=st.mask_BxW.at[rows_B, col_B].set(active_B),
         logprobs_BxW=st.logprobs_BxW.at[rows_B, col_B].set(jnp.where(active_B, logp_B, 0.0)))
@@ -271,15 +286,17 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
       [prompt_BxP, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
   st = _State(t=jnp.int32(0), caches=constrain(caches), last_B=jnp.zeros((b,), jnp.int32),
               done_B=jnp.zeros((b,), bool), tokens_BxW=tokens_BxW,
-              mask_BxW=jnp.zeros((b, w), bool), logprobs_BxW=jnp.zeros((b, w), jnp.float32))
+              mask_BxW=jnp.zeros((b, w), bool), logprobs_BxW=jnp.zeros((b, w), jnp.float32),
+              finished=jnp.bool_(False))
   st = emit(st, logits_BxV)._replace(t=jnp.int32(1))
 
   def cond(st: _State):
-    return (st.t < max_new_tokens) & ~jnp.all(st.done_B)
+    return (st.t < max_new_tokens) & ~st.finished
 
   def body(st: _State) -> _State:
     logits_BxV, caches = decode.decode_layers(dparams, cfg, st.last_B[:, None],
-                                              (lengths_B + st.t - 1)[:, None], st.caches)
+                                              (lengths_B + st.t - 1)[:, None], st.caches,
+                                              expert_axis=expert_axis)
     st = emit(st._replace(caches=constrain(caches)), logits_BxV)
     return st._replace(t=st.t + 1)
 
@@ -293,21 +310,63 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
 _JITTED: dict = {}
 
 
-def _jitted_rollout(cfg, shard_over=None, **static):
+class _ShardPlan(NamedTuple):
+  """A rollout per batch shard under shard_map (hashable: it keys the jit cache)."""
+  mesh: jax.sharding.Mesh
+  rows: object             # the batch mesh axis / axes (a PartitionSpec entry)
+  expert_axis: object      # the mesh axis / axes splitting the routed experts, or None
+  param_specs: tuple       # (treedef, PartitionSpec leaves) of the parameters
+
+
+def _shard_plan(cfg, mesh, param_shardings, rows):
+  """The per-shard plan when the parameter layout allows one, else None.
+
+  Allowed: every parameter replicated (pure data parallel: shards never communicate), or
+  replicated except the routed experts, split on their expert dim over batch axes only
+  (data-parallel attention, expert-parallel MoE; see `decode.moe_decode`). Any other
+  layout (fsdp, tensor) runs as one jit-partitioned program instead.
+  """
+  from r1jax.layers import is_spec
+  row_axes = {rows} if isinstance(rows, str) else set(rows)
+  specs = jax.tree.leaves(model.param_specs(cfg), is_leaf=is_spec)
+  expert_axes = set()
+  for spec, shd in zip(specs, jax.tree.leaves(param_shardings)):
+    for logical, entry in zip(spec.axes, tuple(shd.spec)):
+      if entry is None:
+        continue
+      if logical != "exp":
+        return None
+      expert_axes.add(entry)
+  if len(expert_axes) > 1:
+    return None
+  expert_axis = expert_axes.pop() if expert_axes else None
+  if expert_axis is not None:
+    names = {expert_axis} if isinstance(expert_axis, str) else set(expert_axis)
+    if not names <= row_axes:
+      return None
+  leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.spec, param_shardings))
+  return _ShardPlan(mesh, rows, expert_axis, (treedef, tuple(leaves)))
+
+
+def _jitted_rollout(cfg, shard_over: _ShardPlan | None = None, **static):
   """One jitted rollout per (config, sampling settings); jit then caches per shape.
 
-  shard_over: (mesh, batch axes) to run one independent rollout per batch shard with the
-  parameters replicated (shard_map); `steps` then comes back per shard, [shards].
+  shard_over: run one rollout per batch shard under shard_map (`_shard_plan`); `steps`
+  then comes back per shard, [shards].
   """
   key = (ml_collections.FrozenConfigDict(cfg), shard_over, tuple(sorted(static.items())))
   if key not in _JITTED:
+    expert_axis = shard_over.expert_axis if shard_over is not None else None
+
     def fn(params, prompt_BxP, lengths_B, keys_B):
-      out = _rollout(params, prompt_BxP, lengths_B, keys_B, cfg=cfg, **static)
+      out = _rollout(params, prompt_BxP, lengths_B, keys_B, cfg=cfg, expert_axis=expert_axis,
+                     **static)
       return out if shard_over is None else out._replace(steps=out.steps[None])
     if shard_over is not None:
-      mesh, axes = shard_over
-      rows = jax.sharding.PartitionSpec(axes)
-      fn = jax.shard_map(fn, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows, rows),
+      rows = jax.sharding.PartitionSpec(shard_over.rows)
+      treedef, leaves = shard_over.param_specs
+      fn = jax.shard_map(fn, mesh=shard_over.mesh,
+                         in_specs=(jax.tree.unflatten(treedef, leaves), rows, rows, rows),
                          out_specs=rows, check_vma=False)
     _JITTED[key] = jax.jit(fn)
   return _JITTED[key]
@@ -352,9 +411,9 @@ def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: flo
     bs = sharding.batch_sharding(mesh, 2, b + extra, param_rules)
     b1 = sharding.batch_sharding(mesh, 1, b + extra, param_rules)
     param_shardings = sharding.param_shardings(cfg, mesh, param_rules)
-    if split > 1 and all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)):
-      shard_over = (mesh, tuple(b1.spec)[0])
-    else:
+    if split > 1:
+      shard_over = _shard_plan(cfg, mesh, param_shardings, tuple(b1.spec)[0])
+    if shard_over is None:
       cache_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
           *tuple(bs.spec)[:1], None, None))
     params = jax.device_put(params, param_shardings)

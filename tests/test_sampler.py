@@ -283,10 +283,18 @@ def test_sample_frequencies_follow_temperature():
     (5, {"data": 2, "fsdp": 2, "expert": 2}, False),
     (8, {"data": 8}, False),                          # replicated params: a rollout per shard
     (5, {"data": 8}, True),                           # ... each stopping at its own EOS
+    (8, {"expert": 8}, False),                        # experts split: one expert per shard
+    (5, {"data": 2, "expert": 4}, True),              # ... shards of an expert group stop together
 ])
 def test_sharded_rollout_equals_unsharded(n_prompts, axes, eos):
   cfg, params = _load("v3")
   mesh = sharding.make_mesh(axes)
+  plan = sampler._shard_plan(cfg, mesh, sharding.param_shardings(cfg, mesh), tuple(
+      sharding.batch_sharding(mesh, 1).spec)[0])
+  if "fsdp" in axes:
+    assert plan is None
+  else:  # the per-shard rollout, expert-parallel exactly when the mesh has an expert axis
+    assert plan is not None and plan.expert_axis == ("expert" if "expert" in axes else None)
   prompts = (PROMPTS * 2)[:n_prompts]
   keys = jax.random.split(jax.random.key(1), n_prompts)
   eos_ids = tuple(range(0, cfg.vocab_size, 2)) if eos else ()
