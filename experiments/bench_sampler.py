@@ -13,7 +13,9 @@ for the same model. When torch and transformers are installed, it writes the wei
 
 With more than one core, the greedy run is repeated with the batch split over a data mesh
 of one host device per core (each shard an independent rollout), as GRPO's rollouts would
-run on this machine; HF's side already uses every core it is faster with.
+run on this machine, and over an expert mesh of the same devices (attention data-parallel,
+each device holding 1/n of the routed experts, tokens exchanged at every MoE layer); both
+must generate the one-device tokens. HF's side already uses every core it is faster with.
 
 tokens/s = batch * new_tokens / wall seconds of one whole generate call (prefill
 included, compile excluded: every program is run once before timing), best of --repeats
@@ -53,7 +55,7 @@ def _summary(times: list[float], n_tokens: int) -> dict:
 
 
 def r1jax_runner(cfg, params, prompts_BxP, new_tokens: int, mesh=None, **sampling):
-  if mesh is not None:  # placed once, as a training loop's replicated parameters would be
+  if mesh is not None:  # placed once, as a training loop places its parameters
     params = sharding.place_params(params, cfg, mesh)
   def run():
     out = sampler.generate(params, cfg, prompts_BxP, jax.random.key(0),
@@ -150,8 +152,12 @@ def main(argv=None) -> dict:
   if hf_dir:
     hf_model, results["hf_versions"] = load_hf(hf_dir)
     default_threads = results["hf_versions"]["torch_threads"]
-  mesh = sharding.make_mesh({"data": len(jax.devices())}) if len(jax.devices()) > 1 else None
-  mesh_name = f"r1jax_greedy_data_mesh_{len(jax.devices())}"
+  n_dev = len(jax.devices())
+  meshes = {}
+  if n_dev > 1:
+    meshes[f"r1jax_greedy_data_mesh_{n_dev}"] = sharding.make_mesh({"data": n_dev})
+    if cfg.n_routed_experts % n_dev == 0:
+      meshes[f"r1jax_greedy_expert_mesh_{n_dev}"] = sharding.make_mesh({"expert": n_dev})
   rng = np.random.default_rng(0)
   for b in [int(x) for x in args.batches.split(",")]:
     prompts = rng.integers(2, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
@@ -159,9 +165,10 @@ def main(argv=None) -> dict:
     runners = {"r1jax_greedy": r1jax_runner(cfg, params, prompts, args.new_tokens, temperature=0.0),
                "r1jax_sampled_T1_top_p0.95": r1jax_runner(cfg, params, prompts, args.new_tokens,
                                                           temperature=1.0, top_p=0.95)}
-    if mesh is not None and b % len(jax.devices()) == 0:
-      runners[mesh_name] = r1jax_runner(cfg, params, prompts, args.new_tokens, mesh=mesh,
-                                        temperature=0.0)
+    for mesh_name, mesh in meshes.items():
+      if b % n_dev == 0:
+        runners[mesh_name] = r1jax_runner(cfg, params, prompts, args.new_tokens, mesh=mesh,
+                                          temperature=0.0)
     run = {"batch": b}
     if hf_model is not None:
       threads, run["torch_threads_16_token_seconds"] = pick_torch_threads(
@@ -178,10 +185,12 @@ def main(argv=None) -> dict:
       run[name] = _summary(times[name], n_tokens)
     line = (f"batch {b:3d}: r1jax greedy {run['r1jax_greedy']['tokens_per_s']:7.0f} tok/s, "
             f"sampled {run['r1jax_sampled_T1_top_p0.95']['tokens_per_s']:7.0f} tok/s")
-    if mesh_name in runners:
-      line += f", greedy on the data mesh {run[mesh_name]['tokens_per_s']:7.0f} tok/s"
-      if not np.array_equal(tokens[mesh_name], tokens["r1jax_greedy"]):
-        raise AssertionError("the data-mesh rollout generated other tokens than one device")
+    for mesh_name in meshes:
+      if mesh_name in runners:
+        kind = mesh_name.split("_")[2]
+        line += f", greedy on the {kind} mesh {run[mesh_name]['tokens_per_s']:7.0f} tok/s"
+        if not np.array_equal(tokens[mesh_name], tokens["r1jax_greedy"]):
+          raise AssertionError(f"the {kind}-mesh rollout generated other tokens than one device")
     if hf_model is not None:
       ours, theirs = run["r1jax_greedy"], run["hf_generate_greedy"]
       run["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -192,9 +201,12 @@ def main(argv=None) -> dict:
       line += (f" | HF generate {theirs['tokens_per_s']:6.0f} tok/s | {run['speedup_vs_hf']:.1f}x "
                f"(medians {run['speedup_vs_hf_median']:.1f}x), tokens agree "
                f"{run['token_agreement']:.3f}")
-      if mesh_name in runners:
-        run["speedup_vs_hf_data_mesh"] = run[mesh_name]["tokens_per_s"] / theirs["tokens_per_s"]
-        line += f"; data mesh {run['speedup_vs_hf_data_mesh']:.1f}x"
+      for mesh_name in meshes:
+        if mesh_name in runners:
+          kind = mesh_name.split("_")[2]
+          run[f"speedup_vs_hf_{kind}_mesh"] = (run[mesh_name]["tokens_per_s"]
+                                                / theirs["tokens_per_s"])
+          line += f"; {kind} mesh {run[f'speedup_vs_hf_{kind}_mesh']:.1f}x"
     print(line, flush=True)
     results["runs"].append(run)
 
