@@ -153,11 +153,11 @@ def main(argv=None) -> dict:
     hf_model, results["hf_versions"] = load_hf(hf_dir)
     default_threads = results["hf_versions"]["torch_threads"]
   n_dev = len(jax.devices())
-  meshes = {}
+  mesh_kinds = []  # mesh axis name: the batch (data) or the routed experts (expert) split
   if n_dev > 1:
-    meshes[f"r1jax_greedy_data_mesh_{n_dev}"] = sharding.make_mesh({"data": n_dev})
-    if cfg.n_routed_experts % n_dev == 0:
-      meshes[f"r1jax_greedy_expert_mesh_{n_dev}"] = sharding.make_mesh({"expert": n_dev})
+    mesh_kinds = ["data"] + (["expert"] if cfg.n_routed_experts % n_dev == 0 else [])
+  meshes = {kind: sharding.make_mesh({kind: n_dev}) for kind in mesh_kinds}
+  mesh_run = {kind: f"r1jax_greedy_{kind}_mesh_{n_dev}" for kind in mesh_kinds}
   rng = np.random.default_rng(0)
   for b in [int(x) for x in args.batches.split(",")]:
     prompts = rng.integers(2, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
@@ -165,10 +165,11 @@ def main(argv=None) -> dict:
     runners = {"r1jax_greedy": r1jax_runner(cfg, params, prompts, args.new_tokens, temperature=0.0),
                "r1jax_sampled_T1_top_p0.95": r1jax_runner(cfg, params, prompts, args.new_tokens,
                                                           temperature=1.0, top_p=0.95)}
-    for mesh_name, mesh in meshes.items():
-      if b % n_dev == 0:
-        runners[mesh_name] = r1jax_runner(cfg, params, prompts, args.new_tokens, mesh=mesh,
-                                          temperature=0.0)
+    if b % n_dev == 0:
+      for kind, mesh in meshes.items():
+        runners[mesh_run[kind]] = r1jax_runner(cfg, params, prompts, args.new_tokens, mesh=mesh,
+                                               temperature=0.0)
+    on_mesh = [kind for kind in mesh_kinds if mesh_run[kind] in runners]
     run = {"batch": b}
     if hf_model is not None:
       threads, run["torch_threads_16_token_seconds"] = pick_torch_threads(
@@ -185,12 +186,10 @@ def main(argv=None) -> dict:
       run[name] = _summary(times[name], n_tokens)
     line = (f"batch {b:3d}: r1jax greedy {run['r1jax_greedy']['tokens_per_s']:7.0f} tok/s, "
             f"sampled {run['r1jax_sampled_T1_top_p0.95']['tokens_per_s']:7.0f} tok/s")
-    for mesh_name in meshes:
-      if mesh_name in runners:
-        kind = mesh_name.split("_")[2]
-        line += f", greedy on the {kind} mesh {run[mesh_name]['tokens_per_s']:7.0f} tok/s"
-        if not np.array_equal(tokens[mesh_name], tokens["r1jax_greedy"]):
-          raise AssertionError(f"the {kind}-mesh rollout generated other tokens than one device")
+    for kind in on_mesh:
+      line += f", greedy on the {kind} mesh {run[mesh_run[kind]]['tokens_per_s']:7.0f} tok/s"
+      if not np.array_equal(tokens[mesh_run[kind]], tokens["r1jax_greedy"]):
+        raise AssertionError(f"the {kind}-mesh rollout generated other tokens than one device")
     if hf_model is not None:
       ours, theirs = run["r1jax_greedy"], run["hf_generate_greedy"]
       run["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -201,12 +200,10 @@ def main(argv=None) -> dict:
       line += (f" | HF generate {theirs['tokens_per_s']:6.0f} tok/s | {run['speedup_vs_hf']:.1f}x "
                f"(medians {run['speedup_vs_hf_median']:.1f}x), tokens agree "
                f"{run['token_agreement']:.3f}")
-      for mesh_name in meshes:
-        if mesh_name in runners:
-          kind = mesh_name.split("_")[2]
-          run[f"speedup_vs_hf_{kind}_mesh"] = (run[mesh_name]["tokens_per_s"]
-                                                / theirs["tokens_per_s"])
-          line += f"; {kind} mesh {run[f'speedup_vs_hf_{kind}_mesh']:.1f}x"
+      for kind in on_mesh:
+        ratio = run[mesh_run[kind]]["tokens_per_s"] / theirs["tokens_per_s"]
+        run[f"speedup_vs_hf_{kind}_mesh"] = ratio
+        line += f"; {kind} mesh {ratio:.1f}x"
     print(line, flush=True)
     results["runs"].append(run)
 

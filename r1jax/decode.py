@@ -131,10 +131,9 @@ def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None, expert_axis=Non
   idx_TxK, weights_TxK, _ = moe.route(p["router"], x_TxD, cfg)
   expert_A = idx_TxK.reshape(t * k)
   weight_A = weights_TxK.reshape(t * k).astype(x_TxD.dtype)
-  if expert_axis is not None:  # this shard's experts are [first, first + e); others drop
+  if expert_axis is not None:  # this shard's experts are [first, first + e); others -> e
     expert_A = expert_A - jax.lax.axis_index(expert_axis) * e
-    mine_A = (expert_A >= 0) & (expert_A < e)
-    expert_A, weight_A = jnp.where(mine_A, expert_A, e), jnp.where(mine_A, weight_A, 0)
+    expert_A = jnp.where((expert_A >= 0) & (expert_A < e), expert_A, e)
   onehot_AxE = jax.nn.one_hot(expert_A, e, dtype=jnp.int32)  # all zero at expert e
   rank_A = jnp.sum((jnp.cumsum(onehot_AxE, axis=0) - 1) * onehot_AxE, axis=1)
   n_rounds = (jnp.max(jnp.sum(onehot_AxE, axis=0)) + c - 1) // c
@@ -144,7 +143,7 @@ def moe_decode(p: dict, x_TxD, cfg, capacity: int | None = None, expert_axis=Non
 
   def one_round(r, y_TxD):
     slot_A = rank_A - r * c
-    in_round_A = (slot_A >= 0) & (slot_A < c) & (expert_A < e)
+    in_round_A = (slot_A >= 0) & (slot_A < c) & (expert_A < e)  # expert e: another shard's
     table_ExC = jnp.full((e, c), t, jnp.int32).at[
         expert_A, jnp.where(in_round_A, slot_A, c)].set(token_A, mode="drop")
     gu_ExCxF2 = jnp.einsum("ecd,edf->ecf", x_pad[table_ExC], w["w_gu"])

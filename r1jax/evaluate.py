@@ -52,8 +52,9 @@ def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, me
     # Pad the last chunk to the full batch so one program serves every call.
     padded = chunk + [chunk[-1]] * (ecfg.batch_size - len(chunk))
     out = sampler.generate(params, model_cfg, [p for _, _, p in padded],
-                           jax.random.fold_in(key, start), max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
-                           eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, mesh=mesh)
+                           jax.random.fold_in(key, start), max_new_tokens=ecfg.max_new_tokens,
+                           temperature=ecfg.temperature, eos_ids=(tokenizer.eos_id,),
+                           pad_id=tokenizer.pad_id, mesh=mesh)
     texts = completions_text(out, tokenizer)
     for j, (i, s, _) in enumerate(chunk):
       yield i, s, texts[j], int(out.lengths[j]), bool(out.truncated[j])

@@ -56,6 +56,7 @@ import numpy as np
 
 from r1jax import config as config_lib
 from r1jax import decode, model
+from r1jax.layers import is_spec
 
 
 class SampleOutput(NamedTuple):
@@ -326,7 +327,6 @@ def _shard_plan(cfg, mesh, param_shardings, rows):
   (data-parallel attention, expert-parallel MoE; see `decode.moe_decode`). Any other
   layout (fsdp, tensor) runs as one jit-partitioned program instead.
   """
-  from r1jax.layers import is_spec
   row_axes = {rows} if isinstance(rows, str) else set(rows)
   specs = jax.tree.leaves(model.param_specs(cfg), is_leaf=is_spec)
   expert_axes = set()
