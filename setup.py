@@ -26,7 +26,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
         "hf": ["transformers>=4.51", "torch>=2.4"],
         "parity": ["transformers>=4.51", "torch>=2.4"],

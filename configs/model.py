@@ -7,16 +7,18 @@ variant: tiny | small | deepseek_v3 | deepseek_v2_lite | moonlight_16b_a3b | tin
 The large variants are never materialised: counts and shapes come from jax.eval_shape, and
 the forward pass runs on the variant's tiny twin (`smoke_variant`).
 """
-from r1jax import config as config_lib
-from r1jax import presets
+import ml_collections
+
+from r1jax.model import presets
+from r1jax.run import experiment
 
 TINY_TWIN = {"deepseek_v3": "tiny_v3", "deepseek_v2_lite": "tiny_v2_lite",
              "moonlight_16b_a3b": "tiny"}
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, variant="deepseek_v3", seq_len=4096)
-  c = config_lib.ml_collections.ConfigDict()
+  a = experiment.parse_arg(arg, variant="deepseek_v3", seq_len=4096)
+  c = ml_collections.ConfigDict()
   c.mode = "inspect"
   c.variant = a.variant
   c.model = presets.get(a.variant)

@@ -15,12 +15,13 @@ Arguments: seed (int), runlocal (bool: a much shorter smoke run), mode (pipeline
 """
 import ml_collections
 
-from r1jax import config as config_lib
-from r1jax import evaluate, presets, rl, sft
+from r1jax.model import presets
+from r1jax.run import experiment
+from r1jax.train import evaluate, rl, sft
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, seed=0, runlocal=False, mode="pipeline")
+  a = experiment.parse_arg(arg, seed=0, runlocal=False, mode="pipeline")
   c = ml_collections.ConfigDict()
   c.mode = a.mode
   c.seed = a.seed

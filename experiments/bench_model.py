@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import losses, model, presets
+from r1jax.train import losses
+
+from r1jax.model import decoder, presets
 
 _VARIANT = flags.DEFINE_string("variant", "small", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -57,11 +59,11 @@ def main(argv):
   for impl in _IMPLS.value:
     cfg = presets.get(_VARIANT.value, moe_impl=impl, attention_impl=_ATTN.value,
                       dtype="float32", param_dtype="float32")
-    params = model.init_params(cfg, jax.random.key(0))
+    params = decoder.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (_BATCH.value, _SEQ.value), 0, cfg.vocab_size)
     n_tok = _BATCH.value * _SEQ.value
-    flops = model.flops_per_token(cfg, _SEQ.value)
-    fwd = jax.jit(lambda p, t: model.forward(p, t, cfg)[0])
+    flops = decoder.flops_per_token(cfg, _SEQ.value)
+    fwd = jax.jit(lambda p, t: decoder.forward(p, t, cfg)[0])
     def loss(p, t):
       s, n, _ = losses.lm_loss(p, t, cfg)
       return s / n
@@ -75,7 +77,7 @@ def main(argv):
       results["runs"].append(run)
       print(f"{impl:7s} {name:16s} {run['tokens_per_s']:10.0f} tok/s  "
             f"{run['model_gflops_per_s']:7.1f} GFLOP/s  MFU {100 * run['mfu']:5.1f}%")
-  counts = model.count_params(presets.get(_VARIANT.value))
+  counts = decoder.count_params(presets.get(_VARIANT.value))
   results["params"] = counts
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:

@@ -1,11 +1,11 @@
-"""Rollout throughput: r1jax.sampler against HF transformers' generate on the same weights.
+"""Rollout throughput: r1jax.rollout.sampler against HF transformers' generate on the same weights.
 
 Why: GRPO spends a large share of its time sampling, so the rollout engine has to be fast on
 the hardware people actually have. This measures, for the 'small' preset (no MTP module,
 which generation never uses), generated tokens/s at batch 16 and 64 with 32-token prompts
 and 128 new tokens, and the latent cache's bytes per token against a per-head MHA cache
 for the same model. When torch and transformers are installed, it writes the weights with
-`r1jax.hf.save_checkpoint`, loads them with `from_pretrained` and runs HF's greedy
+`r1jax.model.hf.save_checkpoint`, loads them with `from_pretrained` and runs HF's greedy
 `generate` (KV cache on) on the same prompts, side by side.
 
     python experiments/bench_sampler.py [--out experiments/results/bench_sampler.json]
@@ -46,7 +46,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from r1jax import hf, model, presets, sampler, sharding  # noqa: E402
+from r1jax import sharding  # noqa: E402
+from r1jax.model import decoder, hf, presets  # noqa: E402
+from r1jax.rollout import sampler  # noqa: E402
 
 
 def _summary(times: list[float], n_tokens: int) -> dict:
@@ -55,11 +57,14 @@ def _summary(times: list[float], n_tokens: int) -> dict:
 
 
 def r1jax_runner(cfg, params, prompts_BxP, new_tokens: int, mesh=None, **sampling):
-  if mesh is not None:  # placed once, as a training loop places its parameters
+  """One timed call = a GRPO step's rollout: the decode layout of the weights, then generate
+  (the Sampler is built once per stage, the parameters placed once, as the loops do)."""
+  engine = sampler.Sampler(cfg, mesh)
+  if mesh is not None:
     params = sharding.place_params(params, cfg, mesh)
   def run():
-    out = sampler.generate(params, cfg, prompts_BxP, jax.random.key(0),
-                           max_new_tokens=new_tokens, mesh=mesh, **sampling)
+    out = engine.generate(engine.prepare(params), prompts_BxP, jax.random.key(0),
+                          max_new_tokens=new_tokens, **sampling)
     return np.asarray(jax.block_until_ready(out).tokens)
   return run
 
@@ -118,8 +123,8 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
 
   cfg = presets.get(args.preset, mtp_depth=0)
-  params = jax.device_put(model.init_params(cfg, jax.random.key(0)))
-  n_params = model.count_params(cfg)["total"]
+  params = jax.device_put(decoder.init_params(cfg, jax.random.key(0)))
+  n_params = decoder.count_params(cfg)["total"]
   cache = sampler.cache_bytes_per_token(cfg)
   v3 = sampler.cache_bytes_per_token(presets.get("deepseek_v3"))
   results = {

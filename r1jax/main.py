@@ -5,17 +5,18 @@ and notebooks import too.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline, sft
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 
-# mode -> module whose run(config, workdir) does the work
-MODES = {"inspect": "r1jax.model_info", "sft": "r1jax.sft", "grpo": "r1jax.rl",
-         "eval": "r1jax.evaluate", "pipeline": "r1jax.pipeline"}
+MODES = {"inspect": inspect_model.run, "sft": sft.run, "grpo": grpo.run,
+         "eval": evaluate.run, "pipeline": pipeline.run}
 
 
 def main(argv):
@@ -28,8 +29,18 @@ def main(argv):
     raise app.UsageError(f"config field 'mode' is {cfg.mode!r}; expected one of {sorted(MODES)}")
   if cfg.mode != "inspect" and not _WORKDIR.value:
     raise app.UsageError(f"mode {cfg.mode!r} needs --workdir")
-  importlib.import_module(MODES[cfg.mode]).run(cfg, _WORKDIR.value)
+  MODES[cfg.mode](cfg, _WORKDIR.value)
+
+
+def run_main(argv=None):
+  """app.run(main) after rejecting overrides of removed config fields with what replaced them."""
+  argv = sys.argv if argv is None else argv
+  try:
+    experiment.check_replaced_fields(argv)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  app.run(main, argv=argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main()

@@ -1,7 +1,7 @@
 """Device mesh and the ONE table mapping logical axis names to mesh axes.
 
 Model code never names devices: every parameter carries logical axis names
-(`model.param_axes`), and `RULES` below decides which mesh axis, if any, each one is split
+(`decoder.param_axes`), and `RULES` below decides which mesh axis, if any, each one is split
 over. Changing the parallelism of an ablation is a config edit (mesh shape, or a rules
 override), never a model edit.
 
@@ -18,6 +18,9 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from r1jax.model import decoder
+from r1jax.model.layers import is_spec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -92,12 +95,10 @@ def logical_to_spec(logical_axes: Sequence[str], shape: Sequence[int], mesh: Mes
 
 
 def param_shardings(cfg, mesh: Mesh, rules: Mapping | None = None):
-  """NamedSharding tree parallel to `model.init_params(cfg, key)`."""
-  from r1jax import model  # local import: model does not depend on sharding
-  from r1jax.layers import is_spec
+  """NamedSharding tree parallel to `decoder.init_params(cfg, key)`."""
   return jax.tree.map(
       lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)),
-      model.param_specs(cfg), is_leaf=is_spec)
+      decoder.param_specs(cfg), is_leaf=is_spec)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None,
@@ -116,9 +117,8 @@ def _batch_axes(mesh, rules):
 
 def init_sharded_params(cfg, key, mesh: Mesh, rules: Mapping | None = None):
   """Shape-first sharded init: no host ever holds the full parameter set."""
-  from r1jax import model
   shardings = param_shardings(cfg, mesh, rules)
-  return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=shardings)(key)
+  return jax.jit(lambda k: decoder.init_params(cfg, k), out_shardings=shardings)(key)
 
 
 def place_params(params, cfg, mesh: Mesh | None, rules: Mapping | None = None):

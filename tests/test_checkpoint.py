@@ -1,4 +1,4 @@
-"""Tests for r1jax/checkpoint.py: bitwise round trips, retention, sharded restore, killed saves."""
+"""Tests for r1jax/train/checkpoint.py: bitwise round trips, retention, sharded restore, killed saves."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from r1jax import checkpoint
+from r1jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,7 +129,7 @@ _KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {repo!r})
     import jax.numpy as jnp
-    from r1jax import checkpoint
+    from r1jax.train import checkpoint
     ckpt = checkpoint.CheckpointManager({workdir!r})
     ckpt.save(1, {{"x": jnp.full((4,), 1.0), "big": jnp.zeros((4000, 5000))}},
               data_state={{"pos": 1}})

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r1jax import data
+from r1jax.data import datasets as data
+from r1jax.data.tokenizer import CharTokenizer, for_task
 from r1jax.tasks import base
-from r1jax.tokenizer import CharTokenizer, for_task
 
 
 class _ListTask(base.Task):
@@ -50,11 +50,6 @@ def test_prompt_batch_tokens_hand_checked():
     want = [tok.bos_id] + tok.encode(f"{idx}=")
     assert length == len(want) == (3 if idx < 10 else 4)
     assert row.tolist() == want + [tok.pad_id] * (5 - len(want))
-  left = next(iter(data.prompt_dataset(task, "train", tok, global_batch_size=3, max_prompt_len=5,
-                                       process_index=0, process_count=1, pad_side="left")))
-  for row, idx in zip(left.tokens_BxL, left.indices_B):
-    want = [tok.bos_id] + tok.encode(f"{idx}=")
-    assert row.tolist() == [tok.pad_id] * (5 - len(want)) + want
 
 
 def test_prompts_shuffle_every_epoch_and_cover_each_example_once():
@@ -112,9 +107,6 @@ def test_prompt_dataset_validates_at_start_up():
   with pytest.raises(ValueError, match="multiple of the process count 2"):
     data.prompt_dataset(task, "train", tok, global_batch_size=3, max_prompt_len=8,
                         process_index=0, process_count=2)
-  with pytest.raises(ValueError, match="pad_side"):
-    data.prompt_dataset(task, "train", tok, global_batch_size=2, max_prompt_len=8,
-                        pad_side="middle", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="process_index"):
     data.prompt_dataset(task, "train", tok, global_batch_size=2, max_prompt_len=8,
                         process_index=2, process_count=2)

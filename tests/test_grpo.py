@@ -1,4 +1,4 @@
-"""Tests for r1jax/grpo.py: hand-computed losses, advantages, accumulation, chunked log-probs."""
+"""Tests for r1jax/train/grpo.py: hand-computed losses, advantages, accumulation, chunked log-probs."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import grpo
+from r1jax.train import grpo
 
 LOG = math.log
 

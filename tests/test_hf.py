@@ -1,4 +1,4 @@
-"""HF checkpoint parity and the reader/writer's contract (r1jax/hf.py).
+"""HF checkpoint parity and the reader/writer's contract (r1jax/model/hf.py).
 
 The fixtures in tests/fixtures/hf_tiny_* are tiny seeded HF DeepseekV3ForCausalLM
 checkpoints with HF's own logits (tests/fixtures/make_hf_fixtures.py writes them).
@@ -18,8 +18,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from r1jax import hf
-from r1jax import model
+from r1jax.model import decoder
+from r1jax.model import hf
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 NAMES = ("v3", "noq", "yarn", "v2")
@@ -87,7 +87,7 @@ def _forward_fn(name: str, moe_impl: str, attention_impl: str):
   if key not in _JITTED:
     cfg, params = hf.load_checkpoint(_fixture(name), moe_impl=moe_impl,
                                      attention_impl=attention_impl)
-    fn = jax.jit(lambda p, t: model.forward(p, t, cfg)[0])
+    fn = jax.jit(lambda p, t: decoder.forward(p, t, cfg)[0])
     _JITTED[key] = (cfg, params, fn)
   return _JITTED[key]
 
@@ -135,7 +135,7 @@ def test_fixtures_are_sensitive_to_config(name, change):
   at TOL means our model implements that setting as HF does."""
   cfg, params = hf.load_checkpoint(_fixture(name), **change)
   g = _golden(name)
-  logits = jax.jit(lambda p, t: model.forward(p, t, cfg)[0])(params, jnp.asarray(g["tokens_BxL"]))
+  logits = jax.jit(lambda p, t: decoder.forward(p, t, cfg)[0])(params, jnp.asarray(g["tokens_BxL"]))
   assert np.abs(np.asarray(logits) - g["logits_BxLxV"]).max() > 100 * TOL
 
 
@@ -145,7 +145,7 @@ def test_fixtures_are_sensitive_to_config(name, change):
 def test_loaded_params_match_model_layout(name):
   cfg, params = hf.load_checkpoint(_fixture(name))
   got = {k: tuple(v.shape) for k, v in _flat(params).items()}
-  want = {k: tuple(v) for k, v in _flat(model.param_shapes(cfg)).items()}
+  want = {k: tuple(v) for k, v in _flat(decoder.param_shapes(cfg)).items()}
   assert got == want
   assert all(v.dtype == np.float32 for v in _flat(params).values())
 
@@ -187,7 +187,7 @@ def test_mtp_module_loads_into_params_mtp():
   np.testing.assert_array_equal(mtp["final_norm"][0], raw["model.layers.2.shared_head.norm.weight"])
   np.testing.assert_array_equal(mtp["block"]["moe"]["experts"]["w_up"][0, 3],
                                 raw["model.layers.2.mlp.experts.3.up_proj.weight"].T)
-  logits, aux = jax.jit(lambda p, t: model.forward(p, t, cfg))(
+  logits, aux = jax.jit(lambda p, t: decoder.forward(p, t, cfg))(
       params, jnp.asarray(_golden("v3")["tokens_BxL"]))
   assert aux["mtp_logits"].shape == (1,) + logits.shape
 

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from r1jax import model as model_lib
-from r1jax import presets
+from r1jax.model import decoder as model_lib
+from r1jax.model import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(REPO, "configs", "test_tiny.py")
@@ -93,6 +93,29 @@ def test_bad_config_field_stops_before_training(tmp_path):
   assert proc.returncode != 0
   assert "grpo config field 'G' must be >= 2" in proc.stderr
   assert not os.path.exists(tmp_path / "sft"), "the cold start ran before the config check"
+
+
+def test_sft_then_grpo_modes_write_their_curves(tmp_path):
+  """`sft` then `grpo` in one workdir: GRPO starts from the SFT checkpoint, each stage ends
+  with its curves.png."""
+  _ok(run_main(f"--config={TEST_CONFIG}:mode=sft", f"--workdir={tmp_path}"))
+  assert open(tmp_path / "sft" / "curves.png", "rb").read(8) == PNG_MAGIC
+  proc = _ok(run_main(f"--config={TEST_CONFIG}:mode=grpo", f"--workdir={tmp_path}"))
+  assert "loaded sft checkpoint" in proc.stdout
+  assert open(tmp_path / "grpo" / "curves.png", "rb").read(8) == PNG_MAGIC
+
+
+@pytest.mark.parametrize("field,replacement", [
+    ("model.router_bias_update_rate", "sft.optimizer.router_bias_update_rate"),
+    ("grpo.router_bias_update_rate", "grpo.optimizer.router_bias_update_rate"),
+    ("eval.seed", "HELDOUT_SEED"),
+    ("sft.log_every", "SFT logs every step"),
+])
+def test_a_removed_field_says_what_replaced_it(tmp_path, field, replacement):
+  proc = run_main(f"--config={TEST_CONFIG}", f"--config.{field}=1", f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert f"config field '{field}' was removed" in proc.stderr and replacement in proc.stderr
+  assert os.listdir(tmp_path) == []
 
 
 def test_unknown_mode_and_missing_workdir_are_usage_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for r1jax/metrics.py: JSONL content and resume, TensorBoard, summary, plots, lag."""
+"""Tests for r1jax/train/metrics.py: JSONL content and resume, TensorBoard, summary, plots, lag."""
 from __future__ import annotations
 
 import glob
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from r1jax import metrics
+from r1jax.train import metrics
 
 
 def _tb_scalars(workdir):

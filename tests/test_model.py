@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import config as config_lib
-from r1jax import losses, model, presets
+from r1jax.model import config as config_lib
+from r1jax.model import decoder, presets
+from r1jax.train import losses
 
 
 def _cfg(**kw):
@@ -19,10 +20,10 @@ def _cfg(**kw):
 @pytest.fixture(scope="module")
 def setup():
   cfg = _cfg()
-  params = model.init_params(cfg, jax.random.key(0))
+  params = decoder.init_params(cfg, jax.random.key(0))
   # Non-zero router biases so selection and weights differ.
-  bias = 0.05 * jax.random.normal(jax.random.key(7), model.router_biases(params).shape)
-  params = model.with_router_biases(params, bias)
+  bias = 0.05 * jax.random.normal(jax.random.key(7), decoder.router_biases(params).shape)
+  params = decoder.with_router_biases(params, bias)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   return cfg, params, tokens
 
@@ -30,7 +31,7 @@ def setup():
 @functools.lru_cache(maxsize=None)
 def _fwd(attention_impl, moe_impl):
   cfg = _cfg(attention_impl=attention_impl, moe_impl=moe_impl)
-  return cfg, jax.jit(lambda p, t, s: model.forward(p, t, cfg, segment_ids=s))
+  return cfg, jax.jit(lambda p, t, s: decoder.forward(p, t, cfg, segment_ids=s))
 
 
 def _run(params, tokens, attention_impl="naive", moe_impl="dense", segment_ids=None):
@@ -69,7 +70,7 @@ def test_sparse_and_dense_gradients_agree(setup, moe_impl):
   _, params, tokens = setup
   def loss(p, moe_impl):
     cfg = _cfg(moe_impl=moe_impl, mtp_depth=0)
-    logits, _ = model.forward(p, tokens, cfg)
+    logits, _ = decoder.forward(p, tokens, cfg)
     return jnp.sum(jnp.sin(logits))
   g_dense = jax.jit(jax.grad(functools.partial(loss, moe_impl="dense")))(params)
   g_ragged = jax.jit(jax.grad(functools.partial(loss, moe_impl=moe_impl)))(params)
@@ -97,7 +98,7 @@ def test_packed_equals_separate(setup):
 
 def test_positions_restart_per_segment():
   seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
-  np.testing.assert_array_equal(np.asarray(model.positions_from_segments(seg)),
+  np.testing.assert_array_equal(np.asarray(decoder.positions_from_segments(seg)),
                                 [[0, 1, 2, 0, 1, 0, 0, 1]])
 
 
@@ -130,28 +131,11 @@ def test_loss_mask_limits_trained_tokens(setup):
   np.testing.assert_allclose(float(main_sum), float(manual), rtol=1e-5)
 
 
-def test_cache_prefill_then_decode_equals_full_forward(setup):
-  cfg, params, tokens = setup
-  full, _ = _run(params, tokens, "absorbed", "dense")
-  acfg = _cfg(attention_impl="absorbed")
-  step = jax.jit(lambda p, t, pos, c: model.forward_with_cache(p, t, pos, c, acfg))
-  cache = model.init_cache(acfg, 2, 20)
-  pos = jnp.broadcast_to(jnp.arange(16)[None], (2, 16))
-  out, cache = step(params, tokens[:, :10], pos[:, :10], cache)
-  outs = [out]
-  for i in range(10, 16):
-    out, cache = step(params, tokens[:, i:i + 1], pos[:, i:i + 1], cache)
-    outs.append(out)
-  np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=3e-5)
-  assert cache["ckv"].shape == (acfg.num_hidden_layers, 2, 20, acfg.kv_lora_rank)
-  assert cache["krope"].shape == (acfg.num_hidden_layers, 2, 20, acfg.qk_rope_head_dim)
-
-
 def test_bfloat16_compute_close_to_float32(setup):
   cfg, params, tokens = setup
   ref, _ = _run(params, tokens)
   bcfg = _cfg(dtype="bfloat16")
-  out, _ = jax.jit(lambda p, t: model.forward(p, t, bcfg))(params, tokens)
+  out, _ = jax.jit(lambda p, t: decoder.forward(p, t, bcfg))(params, tokens)
   assert out.dtype == jnp.float32
   err = float(jnp.abs(out - ref).max()) / float(jnp.abs(ref).max())
   assert err < 0.05, err
@@ -159,7 +143,7 @@ def test_bfloat16_compute_close_to_float32(setup):
 
 def test_param_axes_match_params(setup):
   cfg, params, _ = setup
-  axes = model.param_axes(cfg)
+  axes = decoder.param_axes(cfg)
   flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
   flat_a = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
   assert len(flat_p) == len(flat_a)
@@ -170,24 +154,24 @@ def test_param_axes_match_params(setup):
 
 def test_v3_shape_only_init_and_counts():
   cfg = presets.get("deepseek_v3")
-  shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: decoder.init_params(cfg, k), jax.random.key(0))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-  counts = model.count_params(cfg)
+  counts = decoder.count_params(cfg)
   assert n == counts["total"] + counts["mtp"]
   assert abs(counts["total"] / 671e9 - 1) < 0.01
   assert shapes["moe_layers"]["moe"]["experts"]["w_gate"].shape == (58, 256, 7168, 2048)
-  lite = model.count_params(presets.get("deepseek_v2_lite"))
+  lite = decoder.count_params(presets.get("deepseek_v2_lite"))
   assert abs(lite["total"] / 15.7e9 - 1) < 0.02
 
 
 def test_checked_forward_rejects_out_of_vocab(setup):
   cfg, params, tokens = setup
   with pytest.raises(ValueError, match="token ids"):
-    model.checked_forward(params, np.array([[1, 2, cfg.vocab_size]]), cfg)
+    decoder.checked_forward(params, np.array([[1, 2, cfg.vocab_size]]), cfg)
   with pytest.raises(ValueError, match="token ids"):
-    model.checked_forward(params, np.array([[-1, 2, 3]]), cfg)
+    decoder.checked_forward(params, np.array([[-1, 2, 3]]), cfg)
   with pytest.raises(ValueError, match="integers"):
-    model.checked_forward(params, np.array([[1.0, 2.0]]), cfg)
+    decoder.checked_forward(params, np.array([[1.0, 2.0]]), cfg)
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -216,7 +200,7 @@ def test_unrolled_layers_equal_scanned(setup):
   cfg, params, tokens = setup
   ref, ref_aux = _run(params, tokens)
   ucfg = _cfg(scan_layers=False)
-  out, aux = jax.jit(lambda p, t: model.forward(p, t, ucfg))(params, tokens)
+  out, aux = jax.jit(lambda p, t: decoder.forward(p, t, ucfg))(params, tokens)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
   np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]),
                                 np.asarray(ref_aux["tokens_per_expert"]))

@@ -1,12 +1,15 @@
 """Router semantics on hand-computed examples, balance loss and aux-loss-free bias updates."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import config as config_lib
-from r1jax import moe
+from r1jax.model import config as config_lib
+from r1jax.model import moe
+from r1jax.model.layers import fuse_swiglu
 
 
 def _router_cfg(**kw):
@@ -104,22 +107,98 @@ def test_sequence_balance_loss_hand_computed():
   np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
 
-def test_grouped_dispatch_equals_dense_oracle():
-  """Expert-sorted tiles equal every-token-through-every-expert, whatever the tile size,
-  with empty experts, a token choosing one expert twice and a single token."""
+def _experts(d=16, f=12, e=8):
+  keys = jax.random.split(jax.random.key(0), 3)
+  stored = {"w_gate": jax.random.normal(keys[0], (e, d, f)),
+            "w_up": jax.random.normal(keys[1], (e, d, f)),
+            "w_down": jax.random.normal(keys[2], (e, f, d))}
+  return fuse_swiglu(stored), stored
+
+
+def _oracle(stored, x_TxD, idx_TxK, w_TxK):
+  """y_t = sum_k w_tk * SwiGLU_{e_tk}(x_t) in numpy float64, skipping dropped experts (== E)."""
+  g, u, dn = (np.asarray(stored[k], np.float64) for k in ("w_gate", "w_up", "w_down"))
+  x, idx, w = np.asarray(x_TxD, np.float64), np.asarray(idx_TxK), np.asarray(w_TxK, np.float64)
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for k in range(idx.shape[1]):
+      e = idx[t, k]
+      if e < g.shape[0]:
+        a = x[t] @ g[e]
+        y[t] += w[t, k] * ((a / (1 + np.exp(-a))) * (x[t] @ u[e])) @ dn[e]
+  return y
+
+
+def test_every_dispatch_equals_the_oracle():
+  """Each registered dispatch equals a float64 loop over assignments, with empty experts, a
+  token choosing one expert twice, a single token, and dropped assignments (expert index E,
+  another shard's expert), at any tile size or capacity."""
   cfg = _router_cfg(hidden_size=16, moe_intermediate_size=12)
-  keys = jax.random.split(jax.random.key(0), 4)
-  experts = {"w_gate": jax.random.normal(keys[0], (8, 16, 12)),
-             "w_up": jax.random.normal(keys[1], (8, 16, 12)),
-             "w_down": jax.random.normal(keys[2], (8, 12, 16))}
-  for t in (1, 7, 50):
-    x = jax.random.normal(keys[3], (t, 16))
+  experts, stored = _experts()
+  assert {"dense", "ragged", "grouped", "capacity"} <= set(moe.DISPATCH_IMPLS)
+  for t in (1, 37):
+    x = jax.random.normal(jax.random.key(10 + t), (t, 16))
     idx = jax.random.randint(jax.random.key(t), (t, 2), 0, 3)  # experts 3..7 get nothing
     idx = idx.at[0].set(jnp.array([2, 2]))
+    if t > 1:
+      idx = idx.at[1:, 1].set(jnp.where(jnp.arange(t - 1) % 3 == 0, 8, idx[1:, 1]))  # dropped
     w = jax.random.uniform(jax.random.key(t + 1), (t, 2))
-    want = np.asarray(moe.dense_dispatch(experts, x, idx, w, cfg))
-    for tile in (None, 1, 3, 8, 64):
-      got = np.asarray(moe.grouped_dispatch(experts, x, idx, w, cfg, tile=tile))
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"t={t} tile={tile}")
+    want = _oracle(stored, x, idx, w)
+    runs = {name: functools.partial(moe.dispatch_fn(name), cfg=cfg)
+            for name in sorted(moe.DISPATCH_IMPLS)}
+    runs.update({f"grouped tile={tile}": functools.partial(moe.grouped_dispatch, cfg=cfg, tile=tile)
+                 for tile in (3, 64)})
+    runs.update({f"capacity={c}": functools.partial(moe.capacity_dispatch, cfg=cfg, capacity=c)
+                 for c in (1, t)})
+    for name, fn in runs.items():
+      got = np.asarray(jax.jit(fn)(experts, x, idx, w))
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3, err_msg=f"{name} t={t}")
   # half the mean load per expert, rounded up to a multiple of 8, within [8, 128]
   assert [moe.group_tile(a, 8) for a in (100, 400, 6000)] == [8, 32, 128]
+  # capacity: twice the mean load in multiples of 8; 4 slots at a mean load of one token
+  assert moe.expert_capacity(16, cfg) == 8 and moe.expert_capacity(64, cfg) == 32
+  assert moe.expert_capacity(4, cfg) == 4
+  sixteen = cfg.copy_and_resolve_references()
+  sixteen.n_routed_experts = 16  # 8 tokens x 2 = one per expert on average: 4 slots
+  assert moe.expert_capacity(8, sixteen) == 4 and moe.expert_capacity(16, sixteen) == 8
+
+
+def test_unknown_dispatch_names_the_registered_ones():
+  import pytest
+  with pytest.raises(ValueError, match="registered: .*capacity.*dense.*grouped.*ragged"):
+    moe.dispatch_fn("pallas_typo")
+  with pytest.raises(ValueError, match="moe_impl"):
+    _router_cfg(moe_impl="bogus")
+
+
+def test_expert_parallel_moe_ffn_equals_one_device():
+  """moe_ffn under shard_map with the experts split over 4 devices (tokens all-gathered,
+  reduce-scattered back) equals the unsharded layer (every dispatch's handling of other
+  shards' assignments is checked above)."""
+  cfg = _router_cfg(hidden_size=16, moe_intermediate_size=12, n_shared_experts=1)
+  experts, _ = _experts()
+  keys = jax.random.split(jax.random.key(3), 4)
+  p = {"router": {"w": jax.random.normal(keys[0], (16, 8)),
+                  "bias": 0.1 * jax.random.normal(keys[1], (8,))},
+       "experts": experts,
+       "shared": fuse_swiglu({"w_gate": jax.random.normal(keys[2], (16, 12)),
+                              "w_up": jax.random.normal(keys[3], (16, 12)),
+                              "w_down": jax.random.normal(keys[0], (12, 16))})}
+  x = jax.random.normal(jax.random.key(5), (4, 6, 16))
+  valid = jnp.ones((4, 6), bool)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("expert",))
+  P = jax.sharding.PartitionSpec
+  specs = jax.tree.map(lambda _: P(), p)
+  specs["experts"] = jax.tree.map(lambda _: P("expert"), p["experts"])
+  for name in ("capacity", "grouped"):  # the rollout engine's dispatch and the CPU default
+    want, want_stats = jax.jit(lambda p, x, v, name=name: moe.moe_ffn(p, x, v, cfg, impl=name))(
+        p, x, valid)
+    fn = jax.shard_map(lambda p, x, v, name=name: moe.moe_ffn(p, x, v, cfg, impl=name,
+                                                              expert_axis="expert"),
+                       mesh=mesh, in_specs=(specs, P("expert"), P("expert")),
+                       out_specs=(P("expert"), P()), check_vma=False)
+    got, got_stats = jax.jit(fn)(p, x, valid)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3,
+                               err_msg=name)
+    np.testing.assert_array_equal(np.asarray(got_stats["tokens_per_expert"]),
+                                  np.asarray(want_stats["tokens_per_expert"]))

@@ -1,4 +1,4 @@
-"""Tests of the cold-start -> GRPO -> control pipeline (r1jax/pipeline.py), in-process.
+"""Tests of the cold-start -> GRPO -> control pipeline (r1jax/run/pipeline.py), in-process.
 
 A finished pipeline restarted on its workdir trains and evaluates nothing again and reports
 the same figures; its cold-start stage is exactly a standalone SFT run; latest_params
@@ -15,10 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from r1jax import evaluate as eval_lib
-from r1jax import metrics as metrics_lib
-from r1jax import pipeline
-from r1jax import tokenizer as tokenizer_lib
+from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.run import experiment
+from r1jax.run import pipeline
+from r1jax.train import evaluate as eval_lib
+from r1jax.train import metrics as metrics_lib
 
 import tiny_runs
 
@@ -27,7 +28,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 
 def test_build_sizes_the_vocab_from_the_tokenizer():
   cfg = tiny_runs.load_config()
-  task, tokenizer, model_cfg = pipeline.build(cfg)
+  task, tokenizer, model_cfg = experiment.build(cfg)
   assert model_cfg.vocab_size == tokenizer.vocab_size
   assert cfg.model.vocab_size == 256  # the config's own field is left alone
   # char+words: one token per alphabet character and per R1 tag / template part, + specials.
@@ -37,7 +38,7 @@ def test_build_sizes_the_vocab_from_the_tokenizer():
   assert tokenizer.vocab_size > len(alphabet)
 
   path = os.path.join(FIXTURES, "gsm8k_tiny.jsonl")
-  task, tokenizer, model_cfg = pipeline.build(tiny_runs.load_config(f"gsm8k={path}"))
+  task, tokenizer, model_cfg = experiment.build(tiny_runs.load_config(f"gsm8k={path}"))
   assert task.name == "gsm8k" and isinstance(tokenizer, tokenizer_lib.ByteTokenizer)
   assert model_cfg.vocab_size == tokenizer.vocab_size
 
@@ -46,13 +47,13 @@ def test_build_rejects_an_unknown_task_option():
   cfg = tiny_runs.load_config()
   cfg.task.kwargs.digits = 3
   with pytest.raises(ValueError, match=r"task 'arithmetic' has no option\(s\) \['digits'\]"):
-    pipeline.build(cfg)
+    experiment.build(cfg)
 
 
 def test_traces_come_from_the_overridden_task():
   cfg = tiny_runs.load_config()
-  traces = pipeline.trace_task(cfg).examples("train", 64, seed=cfg.seed)
-  task, _, _ = pipeline.build(cfg)
+  traces = experiment.trace_task(cfg).examples("train", 64, seed=cfg.seed)
+  task, _, _ = experiment.build(cfg)
   train = task.examples("train", 64, seed=cfg.seed)
 
   def operand_digits(ex):
@@ -96,10 +97,10 @@ def test_restart_of_a_finished_pipeline_redoes_nothing(finished, monkeypatch):
 def test_cold_start_equals_a_standalone_sft_run(finished, tmp_path):
   workdir, _ = finished
   cfg = tiny_runs.load_config()
-  _, _, model_cfg = pipeline.build(cfg)
+  _, _, model_cfg = experiment.build(cfg)
   sft_only = str(tmp_path / "sft_only")
   shutil.copytree(os.path.join(workdir, "sft"), os.path.join(sft_only, "sft"))
-  from_pipeline = pipeline.latest_params(cfg, sft_only, model_cfg)
+  from_pipeline = experiment.latest_params(cfg, sft_only, model_cfg)
   standalone, _ = tiny_runs.run_sft(str(tmp_path / "standalone"), cfg)
   a, b = tiny_runs.leaves(from_pipeline), tiny_runs.leaves(standalone)
   assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -108,25 +109,25 @@ def test_cold_start_equals_a_standalone_sft_run(finished, tmp_path):
 def test_latest_params_prefers_grpo_over_sft(finished, tmp_path, capsys):
   workdir, _ = finished
   cfg = tiny_runs.load_config()
-  _, _, model_cfg = pipeline.build(cfg)
+  _, _, model_cfg = experiment.build(cfg)
   sft_only = str(tmp_path / "sft_only")
   shutil.copytree(os.path.join(workdir, "sft"), os.path.join(sft_only, "sft"))
   # The tiny run's GRPO may leave the weights unchanged (all-equal reward groups), so check
   # which checkpoint each call read rather than comparing values.
-  pipeline.latest_params(cfg, workdir, model_cfg)
+  experiment.latest_params(cfg, workdir, model_cfg)
   assert f"loaded grpo checkpoint at step {cfg.grpo.steps}" in capsys.readouterr().out
-  pipeline.latest_params(cfg, sft_only, model_cfg)
+  experiment.latest_params(cfg, sft_only, model_cfg)
   assert f"loaded sft checkpoint at step {cfg.sft.steps}" in capsys.readouterr().out
   with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
-    pipeline.latest_params(cfg, str(tmp_path / "empty"), model_cfg)
+    experiment.latest_params(cfg, str(tmp_path / "empty"), model_cfg)
 
 
 def test_mesh_of_reads_the_config_field():
   cfg = tiny_runs.load_config()
-  assert "mesh" not in cfg and pipeline.mesh_of(cfg) is None
+  assert "mesh" not in cfg and experiment.mesh_of(cfg) is None
   cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 2})
-  mesh = pipeline.mesh_of(cfg)
+  mesh = experiment.mesh_of(cfg)
   assert mesh.shape["data"] * 2 == len(jax.devices()) and mesh.shape["fsdp"] == 2
   cfg.mesh = ml_collections.ConfigDict({"dp": 2})
   with pytest.raises(ValueError, match="unknown mesh axes"):
-    pipeline.mesh_of(cfg)
+    experiment.mesh_of(cfg)

@@ -1,4 +1,4 @@
-"""Tests of the GRPO loop (r1jax/rl.py) on configs/test_tiny.py.
+"""Tests of the GRPO loop (r1jax/train/rl.py) on configs/test_tiny.py.
 
 What they pin down: one step really trains (a non-bias weight moves, the on-policy ratio is
 1) and logs every promised metric; a run SIGKILLed past a checkpoint and resumed ends
@@ -17,10 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from r1jax import checkpoint as ckpt_lib
-from r1jax import metrics as metrics_lib
-from r1jax import model as model_lib
-from r1jax import pipeline, rl
+from r1jax.model import decoder as model_lib
+from r1jax.rollout import sampler as sampler_lib
+from r1jax.run import experiment
+from r1jax.run import pipeline
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import rl
 
 import tiny_runs
 
@@ -28,14 +31,14 @@ import tiny_runs
 @pytest.fixture(scope="module")
 def built():
   cfg = tiny_runs.load_config()
-  task, tokenizer, model_cfg = pipeline.build(cfg)
+  task, tokenizer, model_cfg = experiment.build(cfg)
   params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
   return cfg, task, tokenizer, model_cfg, params
 
 
 def _fresh_task(cfg):
   """A task object of its own, so a test may replace its reward."""
-  return pipeline.build(cfg)[0]
+  return experiment.build(cfg)[0]
 
 
 def _checksum(text: str) -> int:
@@ -204,7 +207,7 @@ def test_nan_loss_stops_before_the_checkpoint(built, tmp_path):
     ("G", 1, "'G' must be >= 2"),
     ("minibatches", 3, "'minibatches' must divide prompts_per_step \\* G \\(16\\)"),
     ("loss", "ppo", "'loss' must be one of"),
-    ("kl", "k4", "'kl' must be k1, k2 or k3"),
+    ("kl", "k4", "'kl' must be one of \\['k1', 'k2', 'k3'\\]"),
     ("adv_scale", "rank", "'adv_scale' must be one of"),
     ("temperature", 0.0, "'temperature' must be > 0"),
     ("beta", -0.1, "'beta' must be >= 0"),
@@ -225,32 +228,35 @@ def test_train_rejects_a_bad_config_before_writing_anything(built, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "grpo"))
 
 
-def test_assemble_widens_refills_of_different_prompt_widths():
-  """Dynamic sampling concatenates rollouts whose widths differ (longest prompt + new
-  tokens); rows are widened to max_prompt_len + max_new_tokens and all-equal groups drop."""
+def test_assemble_keeps_mixed_groups_of_every_refill():
+  """Dynamic sampling concatenates refills, each max_prompt_len + max_new_tokens wide (the
+  padded prompt batch plus new tokens); all-equal groups drop and padding rows fill the rest."""
   gcfg = rl.grpo_defaults()
   gcfg.G, gcfg.max_prompt_len, gcfg.max_new_tokens, gcfg.dynamic_sampling = 2, 6, 3, True
 
-  def rollout(width, fill):
+  def rollout(width, fill, prompt_len):
     tokens = np.full((4, width), fill, np.int32)
     mask = np.zeros((4, width), bool)
-    mask[:, -3:] = True
-    return rl.sampler.SampleOutput(
+    mask[:, prompt_len:prompt_len + 3] = True
+    return sampler_lib.SampleOutput(
         tokens=tokens, completion_mask=mask, lengths=np.full((4,), 3, np.int32),
         logprobs=np.where(mask, -0.5, 0.0).astype(np.float32), truncated=np.zeros((4,), bool),
-        prompt_lengths=np.full((4,), width - 3, np.int32), steps=np.int32(3))
+        prompt_lengths=np.full((4,), prompt_len, np.int32), steps=np.int32(3))
 
   # the second group of each rollout is all-equal and dropped; 4 rows kept, 2 padding rows
-  groups = [(rollout(7, 1), ["a"] * 4, np.array([1.0, 0.0, 1.0, 1.0])),
-            (rollout(9, 2), ["b"] * 4, np.array([0.0, 1.0, 0.0, 0.0]))]
+  groups = [(rollout(9, 1, 4), ["a"] * 4, np.array([1.0, 0.0, 1.0, 1.0])),
+            (rollout(9, 2, 6), ["b"] * 4, np.array([0.0, 1.0, 0.0, 0.0]))]
   rows = rl._assemble(groups, gcfg, n_rows=6)
   assert rows["tokens"].shape == (6, 9)
-  np.testing.assert_array_equal(rows["tokens"][:2], [[1] * 7 + [0] * 2] * 2)
+  np.testing.assert_array_equal(rows["tokens"][:2], [[1] * 9] * 2)
   np.testing.assert_array_equal(rows["tokens"][2:4], [[2] * 9] * 2)
   assert rows["mask"][:2, 4:7].all() and not rows["mask"][:2, 7:].any()
+  assert rows["mask"][2:4, 6:9].all() and not rows["mask"][2:4, :6].any()
   assert not rows["mask"][4:].any() and not rows["tokens"][4:].any()
   np.testing.assert_allclose(rows["advantages"][:4], [1.0, -1.0, -1.0, 1.0], atol=1e-5)
   assert rows["info"]["rows_trained"] == 4
+  with pytest.raises(ValueError, match="rollout width 7 is not max_prompt_len"):
+    rl._assemble([(rollout(7, 1, 4), ["a"] * 4, np.array([1.0, 0.0, 1.0, 1.0]))], gcfg, 6)
 
 
 # ------------------------------------------------------------------------ sharded
@@ -258,8 +264,16 @@ def test_assemble_widens_refills_of_different_prompt_widths():
 
 def test_sharded_step_equals_one_device(built, one_step, tmp_path):
   """The same GRPO step with parameters, optimizer state, minibatches and rollouts laid out
-  over a data x fsdp x expert mesh: the same completions and (up to float reduction order)
-  the same parameters as on one device."""
+  over a data x fsdp x expert mesh: the same completions and, up to float reduction order,
+  the same parameters as on one device.
+
+  Why the tolerance has two parts: Adam's first step moves each element by
+  lr * g / (|g| + eps), about lr * sign(g). Where |g| is at the level of the gradient's
+  reduction-order noise (which differs between the sharded and the one-device program, and
+  between XLA versions), its sign, and so the update, may flip; elsewhere the update is
+  stable. So elements the one-device step moved by at least lr / 2 must agree to 1e-5, and
+  every element must stay within the most one step can move it (2 lr).
+  """
   from r1jax import sharding
   cfg, _, tokenizer, model_cfg, params = built
   calls = []
@@ -274,6 +288,15 @@ def test_sharded_step_equals_one_device(built, one_step, tmp_path):
   assert calls == want_calls
   assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(got)), "no parameter was sharded"
-  got, want = _leaves(got), _leaves(want)
+  lr = gcfg.optimizer.lr
+  assert gcfg.optimizer.warmup_steps == 0 and gcfg.optimizer.weight_decay == 0  # step 1: lr
+  got, want, start = _leaves(got), _leaves(want), _leaves(params)
+  stable_elements = 0
   for k in want:
-    np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-4, err_msg=k)
+    moved = np.abs(want[k] - start[k])
+    assert moved.max() <= lr * (1 + 1e-3) + 1e-7, k  # what one Adam step can do
+    stable = moved >= lr / 2
+    stable_elements += int(stable.sum())
+    np.testing.assert_allclose(got[k][stable], want[k][stable], atol=1e-5, rtol=1e-4, err_msg=k)
+    assert np.all(np.abs(got[k] - want[k]) <= 2 * lr + 1e-6), k
+  assert stable_elements > 0.5 * sum(v.size for v in want.values())

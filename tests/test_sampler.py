@@ -1,8 +1,8 @@
-"""The rollout engine (r1jax/sampler.py) against HF, teacher forcing and itself.
+"""The rollout engine (r1jax/rollout/) against HF, teacher forcing and itself.
 
 Most tests use the tiny seeded HF fixtures (tests/fixtures/hf_tiny_*): their weights are
-large enough (init std 0.15) that greedy choices are not near-ties. generate() keeps one
-jitted program per (config, sampling settings), shared by every test in this module.
+large enough (init std 0.15) that greedy choices are not near-ties. sampler.generate()
+keeps one Sampler (and its jitted programs) per config, shared by every test in this module.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import decode, hf, model, moe, sampler, sharding
+from r1jax import sharding
+from r1jax.model import decoder, hf
+from r1jax.rollout import decode, sampler
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PROMPTS = [[17, 200, 31], [5, 9, 250, 77, 3, 140, 66], [101], [42, 43, 44, 45, 46]]
@@ -40,7 +42,7 @@ def _forward(name: str):
   """Teacher-forced logits [B, L, V] of the fixture model (naive attention, full sequence)."""
   if name not in _FORWARD:
     cfg, _ = _load(name)
-    _FORWARD[name] = jax.jit(lambda p, t: model.forward(p, t, cfg)[0])
+    _FORWARD[name] = jax.jit(lambda p, t: decoder.forward(p, t, cfg)[0])
   return _FORWARD[name]
 
 
@@ -83,8 +85,8 @@ def test_greedy_equals_teacher_forced_argmax():
 def test_prefill_then_decode_equals_full_forward():
   """Mixed prompt lengths: prefill + 5 single-token steps give the full forward's logits.
 
-  Prefill and decode both run decode.decode_layers (moe_decode for the experts, whatever
-  cfg.moe_impl), so one configuration covers them.
+  Prefill and decode both run decode.decode_layers (the 'capacity' dispatch for the experts,
+  whatever cfg.moe_impl), so one configuration covers them.
   """
   cfg, params = _load("v3")
   seq_BxL = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 12)).astype(np.int32)
@@ -93,37 +95,16 @@ def test_prefill_then_decode_equals_full_forward():
   full = np.asarray(_forward("v3")(params, jnp.asarray(seq_BxL)))
   prompt_BxP, lens = sampler.pad_prompts([seq_BxL[0, :3], seq_BxL[1, :7]], pad_id=0, bucket=8)
   np.testing.assert_array_equal(lens, lengths)
+  dparams = jax.jit(lambda p: decode.decode_params(p, cfg))(params)
   prefill = jax.jit(lambda p, t, n: sampler.prefill(p, cfg, t, n, 8 + n_steps))
-  step = jax.jit(lambda p, t, pos, c: decode.decode_layers(decode.decode_params(p, cfg), cfg,
-                                                           t[:, None], pos[:, None], c))
-  logits, caches = prefill(params, jnp.asarray(prompt_BxP), jnp.asarray(lens))
+  step = jax.jit(lambda p, t, pos, c: decode.decode_layers(p, cfg, t[:, None], pos[:, None], c))
+  logits, caches = prefill(dparams, jnp.asarray(prompt_BxP), jnp.asarray(lens))
   rows = np.arange(2)
   np.testing.assert_allclose(np.asarray(logits), full[rows, lengths - 1], atol=1e-4, rtol=1e-4)
   for i in range(n_steps):
     pos = lengths + i
-    logits, caches = step(params, jnp.asarray(seq_BxL[rows, pos]), jnp.asarray(pos), caches)
+    logits, caches = step(dparams, jnp.asarray(seq_BxL[rows, pos]), jnp.asarray(pos), caches)
     np.testing.assert_allclose(np.asarray(logits), full[rows, pos], atol=1e-4, rtol=1e-4)
-
-
-def test_moe_decode_equals_moe_ffn():
-  """Expert-major dispatch in capacity rounds equals the dense oracle at any capacity."""
-  cfg, params = _load("v3")
-  layer = decode.decode_params(params, cfg)["layers"][1]  # the first MoE layer
-  x_TxD = jax.random.normal(jax.random.key(0), (32, cfg.hidden_size))
-  moe_p = jax.tree.map(lambda w: w[0], params["moe_layers"]["moe"])
-  want = np.asarray(moe.moe_ffn(moe_p, x_TxD[None], jnp.ones((1, 32), bool), cfg)[0][0])
-  idx, _, _ = moe.route(moe_p["router"], x_TxD, cfg)
-  max_load = int(np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts).max())
-  assert 2 < max_load < 32
-  # one round, two rounds, max_load rounds, one slot per token, the default
-  for capacity in (max_load, max_load - 1, 1, 32, None):
-    got = np.asarray(decode.moe_decode(layer["moe"], x_TxD, cfg, capacity=capacity))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  assert decode.expert_capacity(16, cfg) == 8 and decode.expert_capacity(64, cfg) == 32
-  assert decode.expert_capacity(4, cfg) == 4
-  sixteen = cfg.copy_and_resolve_references()
-  sixteen.n_routed_experts = 16  # 8 tokens x 2 = one per expert on average: 4 slots
-  assert decode.expert_capacity(8, sixteen) == 4 and decode.expert_capacity(16, sixteen) == 8
 
 
 def test_cache_holds_only_latents():
@@ -131,7 +112,7 @@ def test_cache_holds_only_latents():
   b, max_len = 3, 20
   prompt, lens = sampler.pad_prompts(PROMPTS[:b], bucket=8)
   _, caches = jax.eval_shape(
-      lambda p, t, n: sampler.prefill(p, cfg, t, n, max_len),
+      lambda p, t, n: sampler.prefill(decode.decode_params(p, cfg), cfg, t, n, max_len),
       params, prompt, lens)
   c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
   assert len(caches) == cfg.num_hidden_layers
@@ -289,8 +270,7 @@ def test_sample_frequencies_follow_temperature():
 def test_sharded_rollout_equals_unsharded(n_prompts, axes, eos):
   cfg, params = _load("v3")
   mesh = sharding.make_mesh(axes)
-  plan = sampler._shard_plan(cfg, mesh, sharding.param_shardings(cfg, mesh), tuple(
-      sharding.batch_sharding(mesh, 1).spec)[0])
+  plan = sampler.Sampler(cfg, mesh).plan
   if "fsdp" in axes:
     assert plan is None
   else:  # the per-shard rollout, expert-parallel exactly when the mesh has an expert axis

@@ -1,4 +1,4 @@
-"""Tests of supervised fine-tuning (r1jax/sft.py) on configs/test_tiny.py.
+"""Tests of supervised fine-tuning (r1jax/train/sft.py) on configs/test_tiny.py.
 
 The loss is checked against an independent computation: each packed sequence run through
 the model on its own, -log p summed over its response tokens only. A NaN stops the run
@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import checkpoint as ckpt_lib
-from r1jax import data as data_lib
-from r1jax import metrics as metrics_lib
-from r1jax import model as model_lib
-from r1jax import optim, pipeline, sft
+from r1jax.data import datasets as data_lib
+from r1jax.model import decoder as model_lib
+from r1jax.run import experiment
+from r1jax.run import pipeline
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import optim, sft
 
 import tiny_runs
 
@@ -27,9 +29,9 @@ import tiny_runs
 @pytest.fixture(scope="module")
 def built():
   cfg = tiny_runs.load_config()
-  task, tokenizer, model_cfg = pipeline.build(cfg)
+  task, tokenizer, model_cfg = experiment.build(cfg)
   params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-  traces = pipeline.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   return cfg, task, tokenizer, model_cfg, params, traces
 
 

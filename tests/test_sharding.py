@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from r1jax import model, presets, sharding
+from r1jax.model import decoder, presets
+
+from r1jax import sharding
 
 
 def test_logical_to_spec_rules_and_fallbacks():
@@ -29,16 +31,16 @@ def test_make_mesh_validation():
 
 def test_sharded_forward_equals_unsharded():
   cfg = presets.get("tiny_v3", moe_impl="ragged")
-  params = model.init_params(cfg, jax.random.key(0))
+  params = decoder.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
-  ref, _ = jax.jit(lambda p, t: model.forward(p, t, cfg))(params, tokens)
+  ref, _ = jax.jit(lambda p, t: decoder.forward(p, t, cfg))(params, tokens)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
   p_shard = sharding.param_shardings(cfg, mesh)
   sharded = sharding.init_sharded_params(cfg, jax.random.key(0), mesh)
   w = sharded["moe_layers"]["moe"]["experts"]["w_gate"]
   assert w.sharding.spec == P(None, "expert", "fsdp", None)
   np.testing.assert_allclose(np.asarray(w), np.asarray(params["moe_layers"]["moe"]["experts"]["w_gate"]), rtol=1e-6)
-  fn = jax.jit(lambda p, t: model.forward(p, t, cfg)[0],
+  fn = jax.jit(lambda p, t: decoder.forward(p, t, cfg)[0],
                in_shardings=(p_shard, sharding.batch_sharding(mesh, 2, 8)))
   out = fn(sharded, tokens)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)

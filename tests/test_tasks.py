@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from r1jax.data.tokenizer import for_task
 from r1jax.tasks import base, code_task, countdown, jsonl
-from r1jax.tokenizer import for_task
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r1jax import tokenizer as tk
+from r1jax.data import tokenizer as tk
 from r1jax.tasks import base
 
 
@@ -84,7 +84,7 @@ def test_for_task_picks_char_for_generated_tasks_and_bytes_otherwise():
 
 def test_char_tokenizer_words_are_single_tokens_and_round_trip():
   from r1jax import tasks
-  from r1jax.tokenizer import CharTokenizer, for_task, make_tokenizer
+  from r1jax.data.tokenizer import CharTokenizer, for_task, make_tokenizer
   tok = CharTokenizer("<>/abcdehinkrstw0123456789", words=("<think>", "</think>"))
   ids = tok.encode("<think>12</think>")
   assert len(ids) == 4                      # <think> 1 2 </think>
@@ -103,7 +103,7 @@ def test_char_tokenizer_words_are_single_tokens_and_round_trip():
 
 def test_char_tokenizer_rejects_bad_words():
   import pytest
-  from r1jax.tokenizer import CharTokenizer
+  from r1jax.data.tokenizer import CharTokenizer
   with pytest.raises(ValueError, match="outside the alphabet"):
     CharTokenizer("ab", words=("abc",))
   with pytest.raises(ValueError, match="distinct"):

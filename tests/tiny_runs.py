@@ -49,10 +49,11 @@ def resume_config():
 def run_grpo(workdir: str, cfg=None, **kwargs):
   """rl.train from the config's random init; returns (params, info)."""
   import jax
-  from r1jax import model as model_lib
-  from r1jax import pipeline, rl
+  from r1jax.model import decoder as model_lib
+  from r1jax.run import experiment
+  from r1jax.train import rl
   cfg = cfg if cfg is not None else resume_config()
-  task, tokenizer, model_cfg = pipeline.build(cfg)
+  task, tokenizer, model_cfg = experiment.build(cfg)
   params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
   return rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
                   task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(),
@@ -62,11 +63,12 @@ def run_grpo(workdir: str, cfg=None, **kwargs):
 def run_sft(workdir: str, cfg=None, **kwargs):
   """sft.train on the config's cold-start traces from its random init; returns (params, info)."""
   import jax
-  from r1jax import model as model_lib
-  from r1jax import pipeline, sft
+  from r1jax.model import decoder as model_lib
+  from r1jax.run import experiment
+  from r1jax.train import sft
   cfg = cfg if cfg is not None else resume_config()
-  task, tokenizer, model_cfg = pipeline.build(cfg)
-  traces = pipeline.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  task, tokenizer, model_cfg = experiment.build(cfg)
+  traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
   return sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params,
                    examples=traces, seed=cfg.seed, progress=False, **kwargs)
@@ -82,7 +84,7 @@ def leaves(tree) -> dict:
 
 def _wait_for_pause(proc, run_dir, step, checkpoint, timeout_s):
   """Blocks until `run_dir` holds the metrics line of `step` and finalised `checkpoint`."""
-  from r1jax import metrics as metrics_lib
+  from r1jax.train import metrics as metrics_lib
   deadline = time.time() + timeout_s
   ckpt = os.path.join(run_dir, "checkpoints", str(checkpoint))
   while time.time() < deadline:
@@ -105,8 +107,8 @@ def run_killed_then_resumed(kind: str, workdir, timeout_s: float = 300.0):
   """Runs `kind` ('grpo' | 'sft') as a process, SIGKILLs it once step 3 is logged and
   checkpoint 2 is on disk, then resumes it in this process to the end; returns (params, info).
   """
-  from r1jax import checkpoint as ckpt_lib
-  from r1jax import metrics as metrics_lib
+  from r1jax.train import checkpoint as ckpt_lib
+  from r1jax.train import metrics as metrics_lib
   workdir = str(workdir)
   run_dir = os.path.join(workdir, kind)
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind, workdir, "3"],
@@ -127,7 +129,7 @@ def run_killed_then_resumed(kind: str, workdir, timeout_s: float = 300.0):
 def assert_same_run(kind: str, dir_a, params_a, dir_b, params_b) -> None:
   """Bitwise-equal parameters; metrics rows equal in every key but the timing ones."""
   import numpy as np
-  from r1jax import metrics as metrics_lib
+  from r1jax.train import metrics as metrics_lib
   a, b = leaves(params_a), leaves(params_b)
   assert a.keys() == b.keys()
   for k in a:
@@ -143,7 +145,7 @@ def assert_same_run(kind: str, dir_a, params_a, dir_b, params_b) -> None:
 
 def _pause_after(step: int) -> None:
   """Makes every MetricsWriter sleep right after writing the line of `step`."""
-  from r1jax import metrics as metrics_lib
+  from r1jax.train import metrics as metrics_lib
   write = metrics_lib.MetricsWriter.write
 
   def write_then_pause(self, s, metrics):

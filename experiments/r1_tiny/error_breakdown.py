@@ -18,7 +18,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from r1jax import evaluate, pipeline
+from r1jax.train import evaluate
+
+from r1jax.run import experiment
 from r1jax.tasks import base
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/r1_tiny.py", "Run config.")
@@ -42,11 +44,11 @@ def classify(completion: str, answer: str, task) -> str:
 
 def breakdown(params, cfg, task, tokenizer, model_cfg) -> dict:
   """Bin counts over the k samples of each held-out problem (`evaluate`'s sampling)."""
-  examples = task.examples(cfg.eval.split, cfg.eval.num_problems, seed=cfg.eval.seed)
+  examples = evaluate.heldout_examples(task, cfg.eval)
   counts = collections.Counter(
       classify(text, examples[i].answer, task)
       for i, _, text, _, _ in evaluate.sample_completions(params, model_cfg, task, tokenizer,
-                                                          cfg.eval, examples))
+                                                          cfg.eval, examples, seed=cfg.seed))
   return dict(sorted(counts.items()))
 
 
@@ -59,11 +61,11 @@ def main(argv):
   if tuple(cfg.task.kwargs.test_digits) != (3, 3):
     raise ValueError("error_breakdown.py tells carries by answer length: it needs "
                      "task.kwargs.test_digits=(3, 3)")
-  task, tokenizer, model_cfg = pipeline.build(cfg)
+  task, tokenizer, model_cfg = experiment.build(cfg)
   result = {}
   for stage, opt_name, extra in _STAGES:
-    params = pipeline.restore_params(os.path.join(_WORKDIR.value, stage),
-                                     cfg[opt_name].optimizer, model_cfg, extra)
+    params = experiment.restore_params(os.path.join(_WORKDIR.value, stage),
+                                       cfg[opt_name].optimizer, model_cfg, extra)
     if params is None:
       continue
     result[stage] = breakdown(params, cfg, task, tokenizer, model_cfg)

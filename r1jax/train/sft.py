@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the cold start of DeepSeek-R1 (section 2.3.1) and distillation.
 
-Next-token loss on response tokens only, over packed rows with segment_ids (data.py), plus
+Next-token loss on response tokens only, over packed rows with segment_ids (data/datasets.py), plus
 the MTP loss when the model has MTP modules. Same optimizer, checkpoints and metrics as
 GRPO. A run is resumable: killed at any point, `train` picks up from the latest checkpoint
 (parameters, optimizer, step, data iterator) and continues.
@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from r1jax import checkpoint as ckpt_lib
-from r1jax import data as data_lib
-from r1jax import losses, metrics as metrics_lib, optim, sharding
-from r1jax import model as model_lib
+from r1jax import sharding
+from r1jax.data import datasets as data_lib
+from r1jax.model import decoder
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import losses, metrics as metrics_lib, optim
+from r1jax.train.guards import check_finite, check_params_finite, global_norm
 
 
 def sft_defaults() -> ml_collections.ConfigDict:
@@ -27,15 +29,15 @@ def sft_defaults() -> ml_collections.ConfigDict:
   c.steps = 300
   c.batch_size = 16           # packed rows per step
   c.seq_len = 256
-  c.log_every = 10
   c.checkpoint_every = 100
   c.max_to_keep = 2
   c.optimizer = optim.optimizer_defaults()
   return c
 
 
-def make_train_step(model_cfg, optimizer):
-  """jit(step(state, batch) -> (state, metrics)), donating the state."""
+def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
+  """jit(step(state, batch) -> (state, metrics)), donating the state. bias_rate: the
+  aux-loss-free router bias update speed u (optim.apply_updates)."""
 
   def step(state, batch):
     def loss_fn(params):
@@ -45,7 +47,7 @@ def make_train_step(model_cfg, optimizer):
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     load = m.get("tokens_per_expert")
-    params = optim.apply_updates(state["params"], updates, load, model_cfg.router_bias_update_rate)
+    params = optim.apply_updates(state["params"], updates, load, bias_rate)
     out = {"loss": loss, "nll": m["nll_sum"] / jnp.maximum(m["tokens"], 1.0),
            "grad_norm": global_norm(grads), "tokens": m["tokens"]}
     if load is not None:
@@ -53,32 +55,6 @@ def make_train_step(model_cfg, optimizer):
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
 
   return jax.jit(step, donate_argnums=0)
-
-
-def global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-@jax.jit
-def _all_finite(tree):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                            if jnp.issubdtype(x.dtype, jnp.floating)]))
-
-
-def check_params_finite(step: int, params) -> None:
-  """Refuses to checkpoint parameters holding NaN/Inf (the loss only sees them one step later)."""
-  if not bool(_all_finite(params)):
-    raise FloatingPointError(f"step {step}: the parameters contain NaN or Inf; stopping without "
-                             "saving them (lower the learning rate, or check the data)")
-
-
-def check_finite(step: int, metrics: dict, what: str = "loss") -> None:
-  """Stops a run on a NaN/Inf loss before anything poisoned is checkpointed."""
-  value = metrics.get(what)
-  if value is not None and not np.isfinite(value):
-    raise FloatingPointError(
-        f"step {step}: {what} is {value}; stopping without saving a checkpoint of this state "
-        "(lower the learning rate, or check the data)")
 
 
 def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, seed: int = 0,
@@ -108,7 +84,7 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
     state, start_step = restored.state, restored.step
     it.set_state(restored.data_state["iterator"])
     elapsed = float(restored.data_state["elapsed_s"])
-  train_step = make_train_step(model_cfg, optimizer)
+  train_step = make_train_step(model_cfg, optimizer, scfg.optimizer.router_bias_update_rate)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start_step if start_step else None)
   late = metrics_lib.OneStepLate()
   bar = metrics_lib.ProgressBar(total, ("loss", "nll"), initial=start_step, desc=name,
@@ -146,13 +122,3 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
     writer.close()
     bar.close()
   return state["params"], {"steps": step, "train_time_s": elapsed}
-
-
-def run(cfg, workdir: str):
-  """`sft` mode: cold-start SFT on cfg.sft.num_traces traces of the config's task."""
-  from r1jax import pipeline
-  task, tokenizer, model_cfg = pipeline.build(cfg)
-  traces = pipeline.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
-  params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-  return train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params,
-               examples=traces, seed=cfg.seed, mesh=pipeline.mesh_of(cfg))

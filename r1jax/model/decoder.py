@@ -1,14 +1,22 @@
 """The DeepSeek-V3 architecture as pure functions over a nested dict of arrays.
 
-Dimension key (names carry shapes, e.g. `ckv_BxSxC`):
-  B batch  L sequence  D model dim  H heads  V vocab  S cache length  T tokens (B*L)
-  C kv_lora_rank  Q q_lora_rank  N qk_nope_head_dim  R qk_rope_head_dim  A v_head_dim
-  E routed experts  K experts per token  F expert hidden
+Dimension key (names carry shapes, e.g. `kv_BxSxZ`; one meaning per letter):
+  B batch  L sequence  S key / cache positions  T tokens (B*L)  D model dim  H heads  V vocab
+  Q q_lora_rank  C kv_lora_rank  N qk_nope_head_dim  R qk_rope_head_dim  A v_head_dim
+  Y query/key head (N + R)  Z latent cache entry (C + R)  F FFN hidden (dense or expert)
+  E routed experts  K experts per token  X assignments (T*K)  J expert groups  I experts
+  per group  M MoE layers  U tiles  O slots per expert (tile rows, capacity)
+  G GRPO group size  P padded prompt width  W rollout row width (prompt + new tokens)
 
 Layout: the first `first_k_dense_replace` layers (dense FFN) and the remaining MoE layers are
 stored stacked (leading 'layers' axis) and run with lax.scan, so compile time does not grow
 with depth. `param_specs(cfg)` is the single declaration of every parameter's shape and
 logical axes; init, the logical-axis tree and the parameter counts read off it.
+
+One block serves training, prefill and decode (`block`): it runs on a layer's weights in
+compute layout (`layer_layout`: attention projections and SwiGLUs fused), which `forward`
+computes inside every step and the rollout engine once per set of weights; with a cache
+it writes the new latents and attends over the cache.
 
 Multi-token prediction (V3 section 2.2): module k (1..mtp_depth) combines the previous
 depth's hidden state h^{k-1} at position i with the embedding of token i+k:
@@ -23,13 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import config as config_lib
-from r1jax import mla, moe
-from r1jax.layers import (ParamSpec, dense, init_from_specs, is_spec, rms_norm, stack_specs, swiglu,
-                          swiglu_specs)
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
+from r1jax.model import config as config_lib
+from r1jax.model import mla, moe
+from r1jax.model.layers import (ParamSpec, dense, fuse_swiglu, init_from_specs, is_spec, rms_norm,
+                                stack_specs, swiglu, swiglu_specs)
 
 # ---------------------------------------------------------------------------- parameters
 
@@ -74,7 +79,7 @@ def param_specs(cfg) -> dict:
 def init_params(cfg, key: jax.Array) -> dict:
   """Random parameters (normal(init_std) weights, unit norms, zero router bias)."""
   config_lib.validate_model_config(cfg)
-  return init_from_specs(param_specs(cfg), key, cfg.init_std, _DTYPES[cfg.param_dtype])
+  return init_from_specs(param_specs(cfg), key, cfg.init_std, jnp.dtype(cfg.param_dtype))
 
 
 def param_axes(cfg) -> dict:
@@ -105,20 +110,35 @@ def with_router_biases(params: dict, bias_MxE) -> dict:
 
 # ---------------------------------------------------------------------------- forward
 
-def _block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, kind: str, kv=None):
-  """One pre-norm transformer block. `kv` (ckv, krope, mask) attends over a cache instead."""
-  h = rms_norm(x_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
-  if kv is None:
-    x_BxLxD = x_BxLxD + mla.self_attention(p["attn"], h, positions_BxL, mask_BxLxS, cfg)
+def layer_layout(p: dict, cfg) -> dict:
+  """One layer's stored weights in the layout `block` runs on (see mla / moe compute_layout)."""
+  out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
+         "attn": mla.compute_layout(p["attn"], cfg)}
+  if "mlp" in p:
+    out["mlp"] = fuse_swiglu(p["mlp"])
   else:
-    ckv, krope = kv
-    q_nope, q_rope = mla.project_queries(p["attn"], h, positions_BxL, cfg)
-    x_BxLxD = x_BxLxD + mla.attend(p["attn"], q_nope, q_rope, ckv, krope, mask_BxLxS, cfg)
+    out["moe"] = moe.compute_layout(p["moe"])
+  return out
+
+
+def block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, *, cache_BxSxZ=None,
+          fresh: bool = False, attention_impl: str | None = None, moe_impl: str | None = None,
+          expert_axis=None):
+  """One pre-norm transformer block over `layer_layout` weights: (x, MoE stats or None, cache).
+
+  cache / fresh: see `mla.attention`. attention_impl / moe_impl override the config's (the
+  rollout engine decodes absorbed, with the 'capacity' dispatch); expert_axis: see
+  `moe.moe_ffn`.
+  """
+  h = rms_norm(x_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
+  y, cache_BxSxZ = mla.attention(p["attn"], h, positions_BxL, mask_BxLxS, cfg,
+                                 attention_impl or cfg.attention_impl, cache_BxSxZ, fresh)
+  x_BxLxD = x_BxLxD + y
   h = rms_norm(x_BxLxD, p["mlp_norm"], cfg.rms_norm_eps)
-  if kind == "dense":
-    return x_BxLxD + swiglu(h, p["mlp"]), None
-  y, stats = moe.moe_ffn(p["moe"], h, valid_BxL, cfg)
-  return x_BxLxD + y, stats
+  if "mlp" in p:
+    return x_BxLxD + swiglu(h, p["mlp"]), None, cache_BxSxZ
+  y, stats = moe.moe_ffn(p["moe"], h, valid_BxL, cfg, impl=moe_impl, expert_axis=expert_axis)
+  return x_BxLxD + y, stats, cache_BxSxZ
 
 
 def attention_mask(positions_BxL, segment_ids_BxL):
@@ -140,7 +160,7 @@ def positions_from_segments(segment_ids_BxL):
 
 def cast_params(params, cfg):
   """Floating weights in cfg.dtype, the router kept in float32 (as the reference)."""
-  dtype = _DTYPES[cfg.dtype]
+  dtype = jnp.dtype(cfg.dtype)
   def cast(path, x):
     x = jnp.asarray(x)   # numpy params (e.g. from hf.load_checkpoint) must index with tracers
     in_router = any(getattr(p, "key", None) == "router" for p in path)
@@ -148,11 +168,11 @@ def cast_params(params, cfg):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _run_stack(layers_p, h, positions, mask, valid, cfg, kind):
+def _run_stack(layers_p, h, positions, mask, valid, cfg):
   """lax.scan over stacked layers (compile time flat in depth), or a Python loop when
   cfg.scan_layers is False (faster backward on CPU for shallow models)."""
   def step(carry, layer_p):
-    out, stats = _block(layer_p, carry, positions, mask, valid, cfg, kind)
+    out, stats, _ = block(layer_layout(layer_p, cfg), carry, positions, mask, valid, cfg)
     return out, stats
   if cfg.scan_layers:
     return jax.lax.scan(step, h, layers_p)
@@ -199,10 +219,10 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
   mask_BxLxL = attention_mask(positions, segment_ids)
   h = p["embed"][tokens_BxL]
   if "dense_layers" in p:
-    h, _ = _run_stack(p["dense_layers"], h, positions, mask_BxLxL, valid_BxL, cfg, "dense")
+    h, _ = _run_stack(p["dense_layers"], h, positions, mask_BxLxL, valid_BxL, cfg)
   aux = {}
   if "moe_layers" in p:
-    h, stats = _run_stack(p["moe_layers"], h, positions, mask_BxLxL, valid_BxL, cfg, "moe")
+    h, stats = _run_stack(p["moe_layers"], h, positions, mask_BxLxL, valid_BxL, cfg)
     aux["tokens_per_expert"] = stats["tokens_per_expert"]
     aux["balance_loss"] = jnp.mean(stats["balance_loss"])
   else:
@@ -217,7 +237,6 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
 
 def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg):
   """Runs the MTP modules in sequence; returns logits [mtp_depth, B, L, V]."""
-  kind = _mtp_block_kind(cfg)
   def step(carry, xs):
     h_prev, depth = carry
     mod = xs
@@ -227,7 +246,7 @@ def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg):
     both = jnp.concatenate([rms_norm(emb, mod["enorm"], cfg.rms_norm_eps),
                             rms_norm(h_prev, mod["hnorm"], cfg.rms_norm_eps)], axis=-1)
     h_k = dense(both, mod["eh_proj"])
-    h_k, _ = _block(mod["block"], h_k, positions, mask, valid, cfg, kind)
+    h_k, _, _ = block(layer_layout(mod["block"], cfg), h_k, positions, mask, valid, cfg)
     return (h_k, depth + 1), _head(p, h_k, mod["final_norm"], cfg)
   _, logits = jax.lax.scan(step, (h_BxLxD, jnp.int32(1)), p["mtp"])
   return logits
@@ -250,54 +269,6 @@ def checked_forward(params, tokens_BxL, cfg, **kwargs):
   """forward() after rejecting out-of-vocabulary ids (jnp indexing would clip them silently)."""
   config_lib.validate_model_config(cfg)
   return forward(params, jnp.asarray(check_tokens(tokens_BxL, cfg)), cfg, **kwargs)
-
-
-# ---------------------------------------------------------------------------- latent cache
-
-def init_cache(cfg, batch: int, max_len: int, dtype=None) -> dict:
-  """Latent KV cache: per layer and token only c_kv [C] and k_rope [R]."""
-  dtype = dtype or _DTYPES[cfg.dtype]
-  n = cfg.num_hidden_layers
-  return {"ckv": jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
-          "krope": jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype)}
-
-
-def forward_with_cache(params: dict, tokens_BxL, positions_BxL, cache: dict, cfg):
-  """Runs L new tokens per row at `positions`, writing their latents into cache slot = position.
-
-  Slot s of row b is visible to a query at position q iff s <= q, so stale slots beyond a
-  row's current position (e.g. prompt padding) are never read before being overwritten.
-  Returns (logits [B, L, V] float32, new cache). Always uses cfg.attention_impl.
-  """
-  p = cast_params(params, cfg)
-  b, l = tokens_BxL.shape
-  s = cache["ckv"].shape[2]
-  mask_BxLxS = jnp.arange(s)[None, None, :] <= positions_BxL[:, :, None]
-  valid_BxL = jnp.ones((b, l), bool)
-  rows = jnp.arange(b)[:, None]
-
-  def make_step(kind):
-    def step(h, xs):
-      layer_p, ckv_BxSxC, krope_BxSxR = xs
-      normed = rms_norm(h, layer_p["attn_norm"], cfg.rms_norm_eps)
-      new_ckv, new_krope = mla.project_kv(layer_p["attn"], normed, positions_BxL, cfg)
-      ckv_BxSxC = ckv_BxSxC.at[rows, positions_BxL].set(new_ckv.astype(ckv_BxSxC.dtype))
-      krope_BxSxR = krope_BxSxR.at[rows, positions_BxL].set(new_krope.astype(krope_BxSxR.dtype))
-      h, _ = _block(layer_p, h, positions_BxL, mask_BxLxS, valid_BxL, cfg, kind,
-                    kv=(ckv_BxSxC.astype(h.dtype), krope_BxSxR.astype(h.dtype)))
-      return h, (ckv_BxSxC, krope_BxSxR)
-    return step
-
-  h = p["embed"][tokens_BxL]
-  k = cfg.first_k_dense_replace
-  new_ckv, new_krope = [], []
-  for name, kind, sl in (("dense_layers", "dense", slice(0, k)), ("moe_layers", "moe", slice(k, None))):
-    if name in p:
-      h, (c, r) = jax.lax.scan(make_step(kind), h, (p[name], cache["ckv"][sl], cache["krope"][sl]))
-      new_ckv.append(c)
-      new_krope.append(r)
-  cache = {"ckv": jnp.concatenate(new_ckv, 0), "krope": jnp.concatenate(new_krope, 0)}
-  return _head(p, h, p["final_norm"], cfg), cache
 
 
 # ---------------------------------------------------------------------------- accounting

@@ -7,9 +7,9 @@ later `it.set_state(state)` resumes at exactly the next batch.
 
 Prompts (`prompt_dataset`): each host reads a disjoint shard (every
 `process_count`-th example starting at `process_index`) and yields `PromptBatch`es
-of `global_batch_size // process_count` prompts, padded to a fixed
+of `global_batch_size // process_count` prompts, left-aligned and padded to a fixed
 `max_prompt_len` (static shapes for jit), with their lengths and the `Example`s
-whose fields the reward needs.
+whose fields the reward needs: the layout the sampler and the GRPO batch keep.
 
 SFT (`sft_dataset`): each example becomes <bos> prompt response <eos>, with
 `loss_mask` 1 exactly on the response tokens (trace and <eos>). Sequences are
@@ -29,10 +29,9 @@ import grain
 import jax
 import numpy as np
 
+from r1jax.data.tokenizer import Tokenizer
 from r1jax.tasks import base
-from r1jax.tokenizer import Tokenizer
 
-PAD_SIDES = ("right", "left")
 _VALIDATE_GENERATED = 256   # generated sources: check this many prompts at start-up
 _MAX_OPEN_ROWS = 64         # first-fit packing looks at most this many open rows
 
@@ -87,16 +86,13 @@ class _EncodePrompt:
 
 class _CollatePrompts:
 
-  def __init__(self, max_prompt_len: int, pad_id: int, pad_side: str):
-    self.max_prompt_len, self.pad_id, self.pad_side = max_prompt_len, pad_id, pad_side
+  def __init__(self, max_prompt_len: int, pad_id: int):
+    self.max_prompt_len, self.pad_id = max_prompt_len, pad_id
 
   def __call__(self, items) -> PromptBatch:
     tokens_BxL = np.full((len(items), self.max_prompt_len), self.pad_id, np.int32)
     for b, (_, ids, _, _) in enumerate(items):
-      if self.pad_side == "right":
-        tokens_BxL[b, :len(ids)] = ids
-      else:
-        tokens_BxL[b, self.max_prompt_len - len(ids):] = ids
+      tokens_BxL[b, :len(ids)] = ids
     return PromptBatch(
         tokens_BxL=tokens_BxL,
         lengths_B=np.array([len(it[1]) for it in items], np.int32),
@@ -107,8 +103,7 @@ class _CollatePrompts:
 def prompt_dataset(task: base.Task, split: str, tokenizer: Tokenizer, *,
                    global_batch_size: int, max_prompt_len: int, seed: int = 0,
                    num_epochs: int | None = None, process_index: int | None = None,
-                   process_count: int | None = None, pad_side: str = "right",
-                   add_bos: bool = True, validate: bool = True) -> grain.MapDataset:
+                   process_count: int | None = None, add_bos: bool = True, validate: bool = True) -> grain.MapDataset:
   """Shuffled, repeated, sharded batches of prompts for GRPO sampling.
 
   Args:
@@ -119,7 +114,6 @@ def prompt_dataset(task: base.Task, split: str, tokenizer: Tokenizer, *,
     seed: seeds generated sources and the shuffle (reshuffled every epoch).
     num_epochs: None repeats forever.
     process_index / process_count: default to jax.process_index()/process_count().
-    pad_side: 'right' (prompt at the start of the row) or 'left' (at the end).
     add_bos: start every prompt with <bos>.
     validate: encode prompts now so bad data stops at start-up (all of them for
       file-backed sources, the first 256 for generated ones, whose lengths the
@@ -128,8 +122,6 @@ def prompt_dataset(task: base.Task, split: str, tokenizer: Tokenizer, *,
   Returns:
     A MapDataset of `PromptBatch` (the last incomplete batch is dropped).
   """
-  if pad_side not in PAD_SIDES:
-    raise ValueError(f"pad_side must be one of {PAD_SIDES}, got {pad_side!r}")
   if max_prompt_len < 1:
     raise ValueError(f"max_prompt_len must be positive, got {max_prompt_len}")
   index, count = _shard(process_index, process_count)
@@ -147,7 +139,7 @@ def prompt_dataset(task: base.Task, split: str, tokenizer: Tokenizer, *,
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(_EncodePrompt(task, source, tokenizer, max_prompt_len, add_bos))
   return ds.batch(local_batch, drop_remainder=True,
-                  batch_fn=_CollatePrompts(max_prompt_len, tokenizer.pad_id, pad_side))
+                  batch_fn=_CollatePrompts(max_prompt_len, tokenizer.pad_id))
 
 
 def sft_sequence(task: base.Task, example: base.Example,

@@ -76,10 +76,26 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return w * normed.astype(x.dtype)
 
 
-def swiglu(x: jnp.ndarray, p: dict) -> jnp.ndarray:
-  """SwiGLU FFN (Shazeer 2020): down(silu(x W_gate) * (x W_up)), any leading dims."""
-  gate = jax.nn.silu(dense(x, p["w_gate"]))
-  return dense(gate * dense(x, p["w_up"]), p["w_down"])
+def fuse_swiglu(p: dict) -> dict:
+  """The SwiGLU weights in the layout `swiglu` runs on: gate and up concatenated.
+
+  {'w_gate', 'w_up', 'w_down'} (stored, one array per HF tensor) -> {'w_gu' [..., D, 2F],
+  'w_down'}: one matmul reads the input once for both. Works on stacked experts too
+  ([E, D, F] -> [E, D, 2F]); differentiable, so training computes it inside the step.
+  """
+  return {"w_gu": jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1), "w_down": p["w_down"]}
+
+
+def swiglu(x, p: dict, matmul=dense, down_matmul=None):
+  """SwiGLU FFN (Shazeer 2020): down(silu(x W_gate) * (x W_up)) over `fuse_swiglu` weights.
+
+  matmul(x, w) multiplies by the gate/up weights and down_matmul (default: matmul) by
+  w_down; the MoE dispatches pass batched or grouped matmuls here, so every FFN of the
+  model, dense or expert, runs this one function.
+  """
+  gu = matmul(x, p["w_gu"])
+  f = gu.shape[-1] // 2
+  return (down_matmul or matmul)(jax.nn.silu(gu[..., :f]) * gu[..., f:], p["w_down"])
 
 
 def swiglu_specs(d: int, f: int, mlp_axis: str = "mlp") -> dict:

@@ -9,8 +9,8 @@ One step:
      refill from new prompts (DAPO's dynamic sampling);
   4. mu epochs over `minibatches` minibatches of the clipped policy loss (grpo.py), AdamW with
      warmup + cosine and global-norm clipping;
-  5. optionally (router_bias_update_rate > 0) the router's correction biases follow the
-     observed expert loads; the default keeps them frozen, as V3 did late in pre-training.
+  5. optionally (optimizer.router_bias_update_rate > 0) the router's correction biases follow
+     the observed expert loads; the default keeps them frozen, as V3 did late in pre-training.
 A frozen reference model anchors the KL term (beta > 0), optionally reset to the policy
 every `ref_reset_every` steps. Departures from the paper: rewards are whatever the task
 defines (binary accuracy for the built-in tasks, no separate format reward unless configured)
@@ -31,15 +31,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from r1jax import checkpoint as ckpt_lib
-from r1jax import data as data_lib
-from r1jax import evaluate as eval_lib
-from r1jax import grpo, optim, sampler, sharding
-from r1jax import metrics as metrics_lib
-from r1jax import model as model_lib
-from r1jax.sft import check_finite, check_params_finite, global_norm
+from r1jax import sharding
+from r1jax.data import datasets as data_lib
+from r1jax.model import decoder
+from r1jax.rollout import sampler as sampler_lib
 from r1jax.tasks import base as task_base
 from r1jax.tasks import remote
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import grpo, optim
+from r1jax.train import metrics as metrics_lib
+from r1jax.train.guards import check_finite, check_params_finite, global_norm
 
 # ============================================================================ config
 
@@ -66,8 +67,6 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.max_refills = 2            # extra prompt batches per step for dynamic sampling
   c.ref_reset_every = 0        # copy the policy into the reference every N steps (0 = never)
   c.logprob_chunk = 2048       # tokens per chunk for log-probs (never [B, L, V] logits)
-  c.router_bias_update_rate = 0.0  # u during RL; V3 froze the biases (u = 0) at the end of
-                                   # pre-training, and moving them shifts routing under the policy
   c.reward_workers = 0         # 0 = score in-process; > 0 = VerifierPool processes
   c.reward_timeout_s = 10.0    # per-item deadline in the pool
   c.checkpoint_every = 25
@@ -76,6 +75,9 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.optimizer.lr = 3e-5
   c.optimizer.warmup_steps = 5
   c.optimizer.weight_decay = 0.0
+  c.optimizer.router_bias_update_rate = 0.0  # u during RL: V3 froze the biases at the end of
+                                             # pre-training; moving them shifts routing under
+                                             # the policy
   return c
 
 
@@ -93,8 +95,9 @@ def validate(gcfg) -> None:
     raise ValueError(f"grpo config field 'loss' must be one of {sorted(grpo.POLICY_LOSSES)}")
   if gcfg.adv_scale not in grpo.ADVANTAGE_SCALES:
     raise ValueError(f"grpo config field 'adv_scale' must be one of {grpo.ADVANTAGE_SCALES}")
-  if gcfg.kl not in ("k1", "k2", "k3"):
-    raise ValueError(f"grpo config field 'kl' must be k1, k2 or k3, got {gcfg.kl!r}")
+  if gcfg.kl not in grpo.KL_ESTIMATORS:
+    raise ValueError(f"grpo config field 'kl' must be one of {sorted(grpo.KL_ESTIMATORS)}, "
+                     f"got {gcfg.kl!r}")
   if gcfg.temperature <= 0:
     raise ValueError("grpo config field 'temperature' must be > 0 (GRPO samples)")
   if gcfg.beta < 0:
@@ -112,9 +115,9 @@ def _train_cfg(model_cfg):
 
 def _token_logprobs(params, tokens_BxW, cfg, chunk):
   """log pi(token_{t+1} | tokens_<=t) for t < W-1, entropies, and expert loads."""
-  _, aux = model_lib.forward(params, tokens_BxW, cfg, return_hidden=True, compute_logits=False)
+  _, aux = decoder.forward(params, tokens_BxW, cfg, return_hidden=True, compute_logits=False)
   logp, ent = grpo.token_logprobs_and_entropy(
-      aux["hidden"][:, :-1], model_lib.output_head(params, cfg), tokens_BxW[:, 1:],
+      aux["hidden"][:, :-1], decoder.output_head(params, cfg), tokens_BxW[:, 1:],
       chunk_size=chunk)
   return logp, ent, aux.get("tokens_per_expert")
 
@@ -142,7 +145,8 @@ def make_update_step(model_cfg, gcfg, optimizer):
   def update(state, mb):
     (loss, (m, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optim.apply_updates(state["params"], updates, load, gcfg.router_bias_update_rate)
+    params = optim.apply_updates(state["params"], updates, load,
+                                 gcfg.optimizer.router_bias_update_rate)
     m = dict(m, loss=loss, grad_norm=global_norm(grads))
     if load is not None:
       m["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
@@ -198,16 +202,18 @@ class Scorer:
       self.pool.close()
 
 
-def rollout(params, model_cfg, gcfg, batch: data_lib.PromptBatch, key, tokenizer, mesh=None,
-            param_rules=None):
-  """G completions per prompt; returns (SampleOutput, completion texts)."""
-  prompts = [list(batch.tokens_BxL[i, :batch.lengths_B[i]]) for i in range(len(batch.lengths_B))]
-  rows = [p for p in prompts for _ in range(gcfg.G)]
-  out = sampler.generate(params, model_cfg, rows, key, max_new_tokens=gcfg.max_new_tokens,
-                         temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k,
-                         eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-                         prompt_bucket=gcfg.max_prompt_len, mesh=mesh, param_rules=param_rules)
-  return out, eval_lib.completions_text(out, tokenizer)
+def rollout(sampler: sampler_lib.Sampler, dparams, gcfg, batch: data_lib.PromptBatch, key,
+            tokenizer):
+  """G completions per prompt of the padded batch; returns (SampleOutput [B*G, W], texts).
+
+  W = max_prompt_len + max_new_tokens, the width of the GRPO training rows.
+  """
+  out = sampler.generate(dparams, np.repeat(batch.tokens_BxL, gcfg.G, axis=0), key,
+                         lengths=np.repeat(batch.lengths_B, gcfg.G),
+                         max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
+                         top_p=gcfg.top_p, top_k=gcfg.top_k, eos_ids=(tokenizer.eos_id,),
+                         pad_id=tokenizer.pad_id, prompt_bucket=gcfg.max_prompt_len)
+  return out, sampler_lib.completions_text(out, tokenizer)
 
 
 def _group_std(rewards, g):
@@ -247,6 +253,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
     times = dict(restored.data_state["times"])
   update = make_update_step(model_cfg, gcfg, optimizer)
   ref_logprobs = make_ref_logprobs(model_cfg, gcfg)
+  sampler = sampler_lib.Sampler(model_cfg, mesh, param_rules)
   scorer = Scorer(task_name, task_kwargs or {}, task, gcfg.reward_workers, gcfg.reward_timeout_s)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start if start else None)
   bar = metrics_lib.ProgressBar(gcfg.steps, ("reward_mean", "accuracy", "kl_ref"),
@@ -261,13 +268,15 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       # ---------------------------------------------------------------- sample + score
       t0 = time.perf_counter()
       groups, tries = [], 0
-      sample_s = verify_s = 0.0
+      verify_s = 0.0
       n_sampled = n_tokens = 0
+      dparams = sampler.prepare(state["params"])  # the decode layout, once per step's weights
+      sample_s = time.perf_counter() - t0
       while True:
         batch = next(it)
         ts = time.perf_counter()
-        out, texts = rollout(state["params"], model_cfg, gcfg, batch,
-                             jax.random.fold_in(step_key, tries), tokenizer, mesh, param_rules)
+        out, texts = rollout(sampler, dparams, gcfg, batch, jax.random.fold_in(step_key, tries),
+                             tokenizer)
         prompts = [p for p in batch.prompts for _ in range(gcfg.G)]
         examples = [e for e in batch.examples for _ in range(gcfg.G)]
         handle = scorer.submit(prompts, texts, examples)
@@ -284,6 +293,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
         kept = sum(int((_group_std(r, gcfg.G) > 0).sum()) for _, _, r in groups)
         if kept >= gcfg.prompts_per_step:
           break
+      del dparams
       # ---------------------------------------------------------------- build the batch
       rows = _assemble(groups, gcfg, n_rows)
       if gcfg.beta > 0:
@@ -341,25 +351,25 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
 def _assemble(groups, gcfg, n_rows):
   """Rollout groups -> fixed-size training rows (static shapes: one compile per config).
 
-  Every rollout is widened to max_prompt_len + max_new_tokens columns (the sampler returns
-  the batch's longest prompt + max_new_tokens, which differs between refills).
+  Every rollout is max_prompt_len + max_new_tokens wide (`rollout`), so groups of refills
+  concatenate as they are.
   """
   width = gcfg.max_prompt_len + gcfg.max_new_tokens
-  def widen(x, value=0):
+  def rows(x):
     x = np.asarray(x)
-    if x.shape[1] > width:
-      raise ValueError(f"rollout width {x.shape[1]} exceeds max_prompt_len + max_new_tokens "
+    if x.shape[1] != width:
+      raise ValueError(f"rollout width {x.shape[1]} is not max_prompt_len + max_new_tokens "
                        f"({width})")
-    return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+    return x
   toks, masks, olds, advs, rewards_all, lengths, trunc = [], [], [], [], [], [], []
   for out, _, rewards in groups:
     adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards, jnp.float32), gcfg.G,
                                            scale=gcfg.adv_scale))
     keep = np.repeat(_group_std(rewards, gcfg.G) > 0, gcfg.G) if gcfg.dynamic_sampling else \
         np.ones(len(rewards), bool)
-    toks.append(widen(out.tokens)[keep])
-    masks.append(widen(out.completion_mask, False)[keep])
-    olds.append(widen(out.logprobs)[keep])
+    toks.append(rows(out.tokens)[keep])
+    masks.append(rows(out.completion_mask)[keep])
+    olds.append(rows(out.logprobs)[keep])
     advs.append(adv[keep])
     rewards_all.append(rewards)
     lengths.append(np.asarray(out.lengths))
@@ -388,9 +398,3 @@ def _assemble(groups, gcfg, n_rows):
 
 def format_rate(texts) -> float:
   return float(np.mean([task_base.parse_response(t) is not None for t in texts]))
-
-
-def run(cfg, workdir: str):
-  """`grpo` mode: GRPO from the latest SFT checkpoint in workdir (or from scratch: R1-Zero)."""
-  from r1jax import pipeline
-  return pipeline.run_grpo_only(cfg, workdir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from r1jax import config as config_lib
+from r1jax.model import config as config_lib
 
 
 def tiny() -> ml_collections.ConfigDict:

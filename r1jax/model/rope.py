@@ -23,8 +23,6 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import config as config_lib
-
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
   """YaRN's attention temperature: 0.1 * mscale * ln(s) + 1 for s > 1."""
@@ -71,7 +69,7 @@ def attention_factor(cfg) -> float:
 
 def softmax_scale(cfg) -> float:
   """(N + R)^-0.5, times mscale(s, mscale_all_dim)^2 under YaRN."""
-  scale = config_lib.qk_head_dim(cfg) ** -0.5
+  scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
   if cfg.rope_scaling_type == "yarn" and cfg.yarn_mscale_all_dim:
     m = yarn_get_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim)
     scale *= m * m

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from r1jax import model as model_lib
+from r1jax.model import decoder
 
 
 def cross_entropy_sum(logits_BxLxV, targets_BxL, weights_BxL):
@@ -41,7 +41,7 @@ def lm_loss(params, tokens_BxL, cfg, *, loss_mask=None, segment_ids=None, positi
   if loss_mask is None:
     loss_mask = jnp.ones((b, l), bool)
   loss_mask = loss_mask.astype(bool)
-  logits, aux = model_lib.forward(params, tokens_BxL, cfg, positions=positions,
+  logits, aux = decoder.forward(params, tokens_BxL, cfg, positions=positions,
                                   segment_ids=segment_ids)
   w = _target_weights(loss_mask, segment_ids, 1)
   main_sum, denom = cross_entropy_sum(logits[:, :-1], tokens_BxL[:, 1:], w)

@@ -6,19 +6,19 @@ import json
 import jax
 import numpy as np
 
-from r1jax import model
+from r1jax.model import decoder
 
 
 def describe(cfg) -> dict:
   """Parameter counts, FLOPs per token, the shape-only init, and a forward on the tiny twin."""
-  counts = model.count_params(cfg.model)
-  flops = model.flops_per_token(cfg.model, cfg.seq_len)
-  shapes = jax.eval_shape(lambda k: model.init_params(cfg.model, k), jax.random.key(0))
+  counts = decoder.count_params(cfg.model)
+  flops = decoder.flops_per_token(cfg.model, cfg.seq_len)
+  shapes = jax.eval_shape(lambda k: decoder.init_params(cfg.model, k), jax.random.key(0))
   n_shape = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   twin = cfg.smoke_model
-  params = model.init_params(twin, jax.random.key(cfg.seed))
+  params = decoder.init_params(twin, jax.random.key(cfg.seed))
   tokens = np.arange(2 * 8, dtype=np.int32).reshape(2, 8) % twin.vocab_size
-  logits, aux = model.checked_forward(params, tokens, twin)
+  logits, aux = decoder.checked_forward(params, tokens, twin)
   return {
       "variant": cfg.variant,
       "params_total": counts["total"],

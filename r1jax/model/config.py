@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
-ATTENTION_IMPLS = ("naive", "absorbed")
-MOE_IMPLS = ("dense", "ragged", "grouped", "pallas")
+from r1jax.model import mla, moe
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORES = ("top2_sum", "max")
 ROPE_SCALING_TYPES = ("none", "yarn")
@@ -41,7 +41,6 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.group_score = "top2_sum"        # 'top2_sum' (V3) or 'max' (V2 group-limited greedy)
   c.norm_topk_prob = True           # normalise the K gate weights to sum 1
   c.routed_scaling_factor = 2.5     # applied after normalisation
-  c.router_bias_update_rate = 1e-3  # u, aux-loss-free bias update speed
   c.seq_aux_alpha = 0.0             # alpha, sequence-wise balance loss weight (0 = off)
   c.rms_norm_eps = 1e-6
   c.rope_theta = 10000.0
@@ -56,7 +55,8 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.mtp_depth = 0                   # D in V3 section 2.2 (0 = off)
   c.mtp_lambda = 0.3                # lambda, MTP loss weight
   c.attention_impl = "naive"        # 'naive' or 'absorbed'
-  c.moe_impl = "dense"              # 'dense' (oracle), 'ragged', 'grouped' or 'pallas'
+  c.moe_impl = "dense"              # a registered dispatch (moe.DISPATCH_IMPLS): 'dense'
+                                    # (oracle), 'ragged', 'grouped', 'capacity'
   c.scan_layers = True              # lax.scan over layers; False unrolls (shallow CPU models)
   c.param_dtype = "float32"
   c.dtype = "float32"               # compute dtype; the router always runs in float32
@@ -119,8 +119,8 @@ def validate_model_config(cfg) -> None:
     if cfg.group_score == "top2_sum" and cfg.n_group > 1 and cfg.n_routed_experts // cfg.n_group < 2:
       raise ValueError("model config field 'group_score' is 'top2_sum' but groups hold fewer than 2 "
                        "experts (n_routed_experts / n_group < 2)")
-  for field, allowed in (("attention_impl", ATTENTION_IMPLS), ("moe_impl", MOE_IMPLS),
-                         ("scoring_func", SCORING_FUNCS), ("group_score", GROUP_SCORES),
+  for field, allowed in (("attention_impl", mla.ATTENTION_IMPLS),
+                         ("moe_impl", tuple(sorted(moe.DISPATCH_IMPLS))), ("scoring_func", SCORING_FUNCS), ("group_score", GROUP_SCORES),
                          ("rope_scaling_type", ROPE_SCALING_TYPES), ("param_dtype", DTYPES),
                          ("dtype", DTYPES)):
     if cfg[field] not in allowed:
@@ -140,25 +140,3 @@ def num_moe_layers(cfg) -> int:
 
 def qk_head_dim(cfg) -> int:
   return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-
-
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses a `get_config` argument like "variant=tiny,steps=10" (big_vision style).
-
-  Values take the type of the default given for that key; unknown keys raise.
-  """
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} is not of the form key=value")
-    key, value = item.split("=", 1)
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key!r} expects a bool, got {value!r}")
-      out[key] = value.lower() in ("true", "1")
-    else:
-      out[key] = kind(value)
-  return out

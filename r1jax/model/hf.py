@@ -33,7 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from r1jax import config as config_lib
+from r1jax.model import config as config_lib
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 _INDEX = "model.safetensors.index.json"

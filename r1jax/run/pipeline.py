@@ -10,49 +10,18 @@ restarts where it stopped. The end writes summary.json and pipeline.png.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import time
 
-import jax
-
-from r1jax import evaluate as eval_lib
-from r1jax import metrics as metrics_lib
-from r1jax import model as model_lib
-from r1jax import rl, sft
-from r1jax import tokenizer as tokenizer_lib
-from r1jax.tasks import base as task_base
+from r1jax.model import decoder
+from r1jax.run import experiment
+from r1jax.train import evaluate as eval_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import rl, sft
 
 STAGES_FILE = "stages.json"
-
-
-def build(cfg):
-  """(task, tokenizer, model_cfg) from an experiment config; the vocab follows the tokenizer."""
-  task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
-  model_cfg = copy.deepcopy(cfg.model)
-  model_cfg.vocab_size = tokenizer.vocab_size
-  from r1jax import config as config_lib
-  config_lib.validate_model_config(model_cfg)
-  return task, tokenizer, model_cfg
-
-
-def mesh_of(cfg):
-  """The config's device mesh from `cfg.mesh` (axis sizes, e.g. {'data': -1}; see
-  sharding.make_mesh), or None (absent or empty: one device)."""
-  shape = cfg.get("mesh")
-  if not shape:
-    return None
-  from r1jax import sharding
-  return sharding.make_mesh(dict(shape))
-
-
-def trace_task(cfg):
-  """The task the cold-start traces come from (task kwargs + task.trace_overrides)."""
-  kwargs = {**cfg.task.kwargs.to_dict(), **cfg.task.trace_overrides.to_dict()}
-  return task_base.get_task(cfg.task.name, **kwargs)
 
 
 def _load_stages(workdir):
@@ -70,9 +39,10 @@ def _save_stages(workdir, stages):
   os.replace(path + ".tmp", path)
 
 
-def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, mesh):
+def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, seed, mesh):
   if key not in stages:
-    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg, mesh=mesh)
+    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg, seed=seed,
+                                    mesh=mesh)
     _save_stages(workdir, stages)
   r = stages[key]
   print(f"[{key}] held-out pass@1 {r['pass@1']:.3f}  format {r['format_rate']:.3f}")
@@ -83,19 +53,19 @@ def run(cfg, workdir: str) -> dict:
   """`pipeline` mode (see the module docstring)."""
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
-  task, tokenizer, model_cfg = build(cfg)
+  task, tokenizer, model_cfg = experiment.build(cfg)
   rl.validate(cfg.grpo)  # a bad GRPO config stops here, not after the cold start
   stages = _load_stages(workdir)
   stages.setdefault("wall_time_before_s", 0.0)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
-  counts = model_lib.count_params(model_cfg)
+  counts = decoder.count_params(model_cfg)
   print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
         f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
 
-  mesh = mesh_of(cfg)
-  params0 = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-  traces = trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  mesh = experiment.mesh_of(cfg)
+  params0 = experiment.init_params(model_cfg, cfg.seed, mesh)
+  traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   # -------------------------------------------------------------------- 1. cold start
   params_sft, sft_info = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer,
                                    params=params0, examples=traces, seed=cfg.seed, name="sft",
@@ -103,7 +73,7 @@ def run(cfg, workdir: str) -> dict:
   stages["sft"] = sft_info
   _save_stages(workdir, stages)
   before = _evaluate(stages, "eval_sft", workdir, params_sft, model_cfg, task, tokenizer, cfg.eval,
-                     mesh)
+                     cfg.seed, mesh)
   # -------------------------------------------------------------------- 2. GRPO
   params_grpo, grpo_info = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer,
                                     params=params_sft, task_name=cfg.task.name,
@@ -113,7 +83,7 @@ def run(cfg, workdir: str) -> dict:
   stages["grpo"] = grpo_info
   _save_stages(workdir, stages)
   after = _evaluate(stages, "eval_grpo", workdir, params_grpo, model_cfg, task, tokenizer, cfg.eval,
-                    mesh)
+                    cfg.seed, mesh)
   # -------------------------------------------------------------------- 3. SFT control
   control = None
   if cfg.control:
@@ -126,7 +96,7 @@ def run(cfg, workdir: str) -> dict:
     stages["sft_control"] = ctrl_info
     _save_stages(workdir, stages)
     control = _evaluate(stages, "eval_sft_control", workdir, params_ctrl, model_cfg, task,
-                        tokenizer, cfg.eval, mesh)
+                        tokenizer, cfg.eval, cfg.seed, mesh)
   # -------------------------------------------------------------------- summary
   wall = stages["wall_time_before_s"] + (time.time() - t_start)
   summary = {
@@ -162,7 +132,7 @@ def plot(workdir: str, summary: dict) -> str:
   for name, label in (("sft", "cold-start SFT"), ("sft_control", "SFT control")):
     recs = metrics_lib.read_metrics(os.path.join(workdir, name)) if os.path.exists(
         os.path.join(workdir, name, metrics_lib.METRICS_FILE)) else []
-    pts = [(r["elapsed_s"], r["nll"]) for r in recs if r.get("nll") is not None]
+    pts = metrics_lib.curve(recs, "nll", x="elapsed_s")
     if name == "sft_control" and pts:
       offset = summary["sft_time_s"]
       pts = [(t + offset, v) for t, v in pts]
@@ -174,7 +144,7 @@ def plot(workdir: str, summary: dict) -> str:
   ax1.legend()
   recs = metrics_lib.read_metrics(os.path.join(workdir, "grpo"))
   for key in ("reward_mean", "format_rate"):
-    pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+    pts = metrics_lib.curve(recs, key)
     if pts:
       ax2.plot(*zip(*pts), label=key)
   ax2.set_xlabel("GRPO step")
@@ -191,51 +161,3 @@ def plot(workdir: str, summary: dict) -> str:
   out = os.path.join(workdir, "pipeline.png")
   fig.savefig(out)
   return out
-
-
-def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):
-  """Parameters of the latest checkpoint under run_dir/checkpoints, or None if there is none.
-
-  optimizer_cfg and extra (names of other parameter-shaped entries, e.g. 'ref_params')
-  describe the saved state, so the restore knows every array's shape.
-  """
-  from r1jax import checkpoint as ckpt_lib
-  from r1jax import optim
-  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-    return None
-  params = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.key(0))
-  opt = optim.make_optimizer(optimizer_cfg, 1)
-  abstract = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
-              "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
-  for k in extra:
-    abstract[k] = params
-  with ckpt_lib.CheckpointManager(run_dir) as manager:
-    if manager.latest_step() is None:
-      return None
-    restored = manager.restore(abstract)
-  name = os.path.basename(os.path.normpath(run_dir))
-  print(f"loaded {name} checkpoint at step {restored.step} from {run_dir}")
-  return restored.state["params"]
-
-
-def latest_params(cfg, workdir: str, model_cfg):
-  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
-  for name, ocfg, extra in (("grpo", cfg.grpo.optimizer, ("ref_params",)),
-                            ("sft", cfg.sft.optimizer, ())):
-    params = restore_params(os.path.join(workdir, name), ocfg, model_cfg, extra)
-    if params is not None:
-      return params
-  raise ValueError(f"no sft or grpo checkpoint found under {workdir}")
-
-
-def run_grpo_only(cfg, workdir: str):
-  """`grpo` mode: GRPO from workdir's SFT checkpoint, or from random init (R1-Zero)."""
-  task, tokenizer, model_cfg = build(cfg)
-  try:
-    params = latest_params(cfg, workdir, model_cfg)
-  except ValueError:
-    print("no SFT checkpoint in workdir: starting from random init (R1-Zero)")
-    params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-  return rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
-                  task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
-                  mesh=mesh_of(cfg))

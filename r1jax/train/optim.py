@@ -10,7 +10,8 @@ import jax
 import ml_collections
 import optax
 
-from r1jax import model as model_lib
+from r1jax.model import decoder
+from r1jax.model import moe
 
 
 def optimizer_defaults() -> ml_collections.ConfigDict:
@@ -22,6 +23,7 @@ def optimizer_defaults() -> ml_collections.ConfigDict:
   c.b2 = 0.95
   c.weight_decay = 0.01
   c.grad_clip = 1.0         # global-norm clipping (0 = off)
+  c.router_bias_update_rate = 1e-3  # u, aux-loss-free bias update speed (0 = frozen biases)
   return c
 
 
@@ -33,7 +35,8 @@ def _decay_mask(params):
 
 
 def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
-  for field in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip"):
+  for field in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+                "router_bias_update_rate"):
     if ocfg[field] < 0:
       raise ValueError(f"optimizer config field {field!r} must be >= 0, got {ocfg[field]}")
   if total_steps < 1:
@@ -52,11 +55,10 @@ def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
 
 def apply_updates(params, updates, tokens_per_expert=None, bias_rate: float = 0.0):
   """Applies the optimizer step, then the aux-loss-free bias update from observed loads."""
-  from r1jax import moe
-  bias = model_lib.router_biases(params)
+  bias = decoder.router_biases(params)
   new_params = optax.apply_updates(params, updates)
   if bias is None:
     return new_params
   if tokens_per_expert is not None and bias_rate > 0:
     bias = moe.update_router_bias(bias, tokens_per_expert, bias_rate)
-  return model_lib.with_router_biases(new_params, bias)
+  return decoder.with_router_biases(new_params, bias)

@@ -2,23 +2,25 @@
 
 Why a dedicated engine: GRPO (DeepSeek-R1 section 2.2.1) samples G completions per prompt
 and needs, for each sampled token, its log-probability under the sampling ("old") policy.
-This file turns a list of prompts of different lengths into completions, masks and those
-log-probs, with the whole decode loop inside one `jax.jit`.
+`Sampler` turns a batch of prompts into completions, masks and those log-probs, with the
+whole decode loop inside one `jax.jit`. Build it once per stage (it validates the config
+and picks the layout), `prepare` the weights once per set of weights (the decode layout of
+`decode.decode_params`), then `generate` as often as needed.
 
-Layout. Prompts are left-aligned: row b holds its prompt at positions 0..n_b-1, is padded to
-a bucketed width P, and its completion is written right after the prompt (from column n_b),
-so a row's computation never depends on other rows' lengths. Prefill runs the padded
-[B, P] batch once (positions 0..P-1) and fills preallocated caches that hold only the MLA
-latents c_kv [C] and k_rope [R] per token per layer (DeepSeek-V2 section 2.1.3: (C + R)
-numbers, never per-head keys and values). The next-token logits of row b are read at index
-n_b - 1. Decode step t feeds row b's previous token at position n_b + t - 1; latents are
-written at slot = position and a query at q sees slots <= q, so the prefill's padding
-slots are overwritten before anything reads them. Prefill and decode both run
-`decode.decode_layers` (absorbed attention over the latents, W_UK folded into the query
-and W_UV after the weighted sum, DeepSeek-V2 appendix C; parameters re-laid-out once per
-rollout), the decode steps inside a `lax.while_loop` that stops as soon as every row has
-emitted an end-of-sequence id. Tests hold prefill + decode to the full forward and to
-HF's generate.
+Layout. Prompts are left-aligned, as the data pipeline's PromptBatch holds them: row b
+holds its prompt at positions 0..n_b-1 of a [B, P] array (P rounded up to a bucket), and
+its completion is written right after the prompt (from column n_b), so a row's computation
+never depends on other rows' lengths. Outputs are [B, W]: W = the prompt array's width (or
+the longest listed prompt) + max_new_tokens.
+Prefill runs the padded [B, P] batch once (positions 0..P-1) and fills preallocated caches
+that hold only the MLA latent entries [c_kv | k_rope] per token per layer (DeepSeek-V2
+section 2.1.3: Z = C + R numbers, never per-head keys and values). The next-token logits
+of row b are read at index n_b - 1. Decode step t feeds row b's previous token at position
+n_b + t - 1; latents are written at slot = position and a query at q sees slots <= q, so
+the prefill's padding slots are overwritten before anything reads them. Prefill and decode
+both run `decode.decode_layers` (the model's own block over the cache), the decode steps
+inside a `lax.while_loop` that stops as soon as every row has emitted an end-of-sequence
+id. Tests hold prefill + decode to the full forward and to HF's generate.
 
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k
 (keep the k largest), then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text
@@ -34,7 +36,7 @@ use the training policy unchanged. (They are the log-probs the sampler computed 
 order; a teacher-forced forward over the same tokens gives the same values up to float
 rounding, which the tests check.)
 
-Sharded rollouts: pass `mesh` (from `sharding.make_mesh`); the batch is split over the
+Sharded rollouts: give the Sampler a `mesh` (from `sharding.make_mesh`); the batch is split over the
 mesh's batch axes (rows are padded up to a multiple of that split and dropped afterwards),
 the parameters are placed with `sharding.param_shardings(cfg, mesh, param_rules)` (the
 training layout, or a rollout-specific rules override) and the cache is split like the
@@ -51,16 +53,20 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from r1jax import config as config_lib
-from r1jax import decode, model
-from r1jax.layers import is_spec
+from r1jax import sharding
+from r1jax.model import config as config_lib
+from r1jax.model import decoder
+from r1jax.model.layers import is_spec
+from r1jax.rollout import decode
 
 
 class SampleOutput(NamedTuple):
-  """What `generate` returns (jax arrays; W = max prompt length + max_new_tokens).
+  """What `generate` returns (jax arrays; W = the prompt array's width, or the longest prompt
+  of a list, + max_new_tokens).
 
   tokens:          [B, W] int32, row b: its prompt, then its completion, then pad_id.
   completion_mask: [B, W] bool, True exactly at the completion tokens (EOS included; the
@@ -87,9 +93,10 @@ class SampleOutput(NamedTuple):
 def pad_prompts(prompts, pad_id: int = 0, bucket: int = 1, lengths=None):
   """Left-aligned padded prompts: returns (prompt_BxP int32, lengths_B int32), host numpy.
 
-  `prompts` is a list of token-id lists, or a [B, L] array plus `lengths` (each row's
-  prompt is its first lengths[b] entries). P is the longest prompt rounded up to a multiple
-  of `bucket`, so batches of similar lengths share one compiled program.
+  `prompts` is a [B, L] array plus `lengths` (row b's prompt is its first lengths[b]
+  entries; the rest is set to pad_id), or a list of token-id lists. P is the array's width
+  (or the longest prompt) rounded up to a multiple of `bucket`, so batches of similar
+  lengths share one compiled program.
   """
   if bucket < 1:
     raise ValueError(f"bucket must be >= 1, got {bucket}")
@@ -97,15 +104,22 @@ def pad_prompts(prompts, pad_id: int = 0, bucket: int = 1, lengths=None):
     arr = np.asarray(prompts)
     if arr.ndim != 2:
       raise ValueError(f"a padded prompt array must be [batch, length], got shape {arr.shape}")
+    if arr.shape[0] == 0:
+      raise ValueError("prompts must hold at least one prompt")
+    if arr.dtype.kind not in "iu":
+      raise ValueError(f"prompts must hold integer token ids, got dtype {arr.dtype}")
     lens = (np.full((arr.shape[0],), arr.shape[1], np.int64) if lengths is None
             else np.asarray(lengths).astype(np.int64))
     if lens.shape != (arr.shape[0],):
       raise ValueError(f"lengths must have shape ({arr.shape[0]},), got {lens.shape}")
-    if lens.size and (lens.min() < 1 or lens.max() > arr.shape[1]):
+    if lens.min() < 1 or lens.max() > arr.shape[1]:
       raise ValueError(f"prompt lengths must lie in [1, {arr.shape[1]}], got {lens.tolist()}")
-    rows = [arr[b, :lens[b]] for b in range(arr.shape[0])]
-  else:
-    rows = [np.asarray(p) for p in prompts]
+    width = -(-arr.shape[1] // bucket) * bucket
+    out = np.full((arr.shape[0], width), pad_id, np.int32)
+    inside = np.arange(arr.shape[1])[None, :] < lens[:, None]
+    out[:, :arr.shape[1]] = np.where(inside, arr, pad_id)
+    return out, lens.astype(np.int32)
+  rows = [np.asarray(p) for p in prompts]
   if not rows:
     raise ValueError("prompts must hold at least one prompt")
   for b, r in enumerate(rows):
@@ -213,18 +227,17 @@ def _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad
 
 # ---------------------------------------------------------------------------- model steps
 
-def prefill(params, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None,
-            dparams=None, expert_axis=None):
+def prefill(dparams, cfg, prompt_BxP, lengths_B, max_len: int, cache_sharding=None,
+            expert_axis=None):
   """Runs the padded prompts once into fresh latent caches of `max_len` slots.
 
   Returns (next-token logits [B, V] float32 read at index lengths_B - 1, caches: per layer
-  kv [B, max_len, C + R], see `decode.init_caches`). `dparams` is `decode.decode_params`
-  (computed here when not given); expert_axis as in `decode.moe_decode`.
+  kv [B, max_len, Z], see `decode.init_caches`). dparams: `decode.decode_params`;
+  expert_axis as in `moe.moe_ffn`.
   """
   b, p = prompt_BxP.shape
   if max_len < p:
     raise ValueError(f"max_len ({max_len}) must hold the {p} prompt positions")
-  dparams = decode.decode_params(params, cfg) if dparams is None else dparams
   caches = _constrain(decode.init_caches(cfg, b, max_len), cache_sharding)
   positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
   return decode.decode_layers(dparams, cfg, prompt_BxP, positions_BxP, caches,
@@ -239,7 +252,7 @@ def _constrain(caches: list, cache_sharding):
 
 class _State(NamedTuple):
   t: jax.Array             # [] completion index of the token emitted next
-  caches: list             # per layer kv [B, S, C + R] (decode.init_caches)
+  caches: list             # per layer kv [B, S, Z] (decode.init_caches)
   last_B: jax.Array        # the token emitted at step t - 1
   done_B: jax.Array        # the row has emitted an EOS id
   tokens_BxW: jax.Array
@@ -248,9 +261,9 @@ class _State(NamedTuple):
   finished: jax.Array      # [] every row has emitted an EOS id (in every expert shard)
 
 
-def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temperature,
+def _rollout(dparams, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temperature,
              top_p, top_k, eos_ids, pad_id, cache_sharding, expert_axis=None):
-  """The jitted body of `generate` (see the module docstring for the layout).
+  """The jitted body of `Sampler.generate` (see the module docstring for the layout).
 
   expert_axis: run inside shard_map with the routed experts split over this mesh axis; the
   shards along it exchange tokens at every MoE layer, so they stop together.
@@ -258,8 +271,7 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
   b, p = prompt_BxP.shape
   w = p + max_new_tokens
   rows_B = jnp.arange(b)
-  dparams = decode.decode_params(params, cfg)
-  logits_BxV, caches = prefill(params, cfg, prompt_BxP, lengths_B, w, cache_sharding, dparams,
+  logits_BxV, caches = prefill(dparams, cfg, prompt_BxP, lengths_B, w, cache_sharding,
                                expert_axis)
   constrain = lambda caches: _constrain(caches, cache_sharding)
   eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
@@ -308,27 +320,24 @@ def _rollout(params, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temp
                       prompt_lengths=lengths_B, steps=st.t)
 
 
-_JITTED: dict = {}
-
+# ---------------------------------------------------------------------------- layouts
 
 class _ShardPlan(NamedTuple):
-  """A rollout per batch shard under shard_map (hashable: it keys the jit cache)."""
-  mesh: jax.sharding.Mesh
+  """A rollout per batch shard under shard_map."""
   rows: object             # the batch mesh axis / axes (a PartitionSpec entry)
   expert_axis: object      # the mesh axis / axes splitting the routed experts, or None
-  param_specs: tuple       # (treedef, PartitionSpec leaves) of the parameters
 
 
-def _shard_plan(cfg, mesh, param_shardings, rows):
+def _shard_plan(cfg, param_shardings, rows):
   """The per-shard plan when the parameter layout allows one, else None.
 
   Allowed: every parameter replicated (pure data parallel: shards never communicate), or
   replicated except the routed experts, split on their expert dim over batch axes only
-  (data-parallel attention, expert-parallel MoE; see `decode.moe_decode`). Any other
-  layout (fsdp, tensor) runs as one jit-partitioned program instead.
+  (data-parallel attention, expert-parallel MoE; see `moe.moe_ffn`). Any other layout
+  (fsdp, tensor) runs as one jit-partitioned program instead.
   """
   row_axes = {rows} if isinstance(rows, str) else set(rows)
-  specs = jax.tree.leaves(model.param_specs(cfg), is_leaf=is_spec)
+  specs = jax.tree.leaves(decoder.param_specs(cfg), is_leaf=is_spec)
   expert_axes = set()
   for spec, shd in zip(specs, jax.tree.leaves(param_shardings)):
     for logical, entry in zip(spec.axes, tuple(shd.spec)):
@@ -344,94 +353,157 @@ def _shard_plan(cfg, mesh, param_shardings, rows):
     names = {expert_axis} if isinstance(expert_axis, str) else set(expert_axis)
     if not names <= row_axes:
       return None
-  leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.spec, param_shardings))
-  return _ShardPlan(mesh, rows, expert_axis, (treedef, tuple(leaves)))
+  return _ShardPlan(rows, expert_axis)
 
 
-def _jitted_rollout(cfg, shard_over: _ShardPlan | None = None, **static):
-  """One jitted rollout per (config, sampling settings); jit then caches per shape.
+def _decode_param_specs(dparams_shape, expert_axis):
+  """PartitionSpecs of `decode_params` under a shard plan: the routed experts (leading dim)
+  split over expert_axis, everything else replicated."""
+  def spec(path, _):
+    in_experts = any(getattr(k, "key", None) == "experts" for k in path)
+    return P(expert_axis) if (in_experts and expert_axis is not None) else P()
+  return jax.tree_util.tree_map_with_path(spec, dparams_shape)
 
-  shard_over: run one rollout per batch shard under shard_map (`_shard_plan`); `steps`
-  then comes back per shard, [shards].
+
+class Sampler:
+  """The rollout engine for one model config on one device layout.
+
+  Build it once per stage: it validates the config, decides the layout and keeps the
+  jitted programs (one per sampling setting; jit then caches per shape).
+    sampler = Sampler(cfg, mesh=None)
+    dparams = sampler.prepare(params)      # once per set of weights
+    out = sampler.generate(dparams, prompt_BxP, key, lengths=lengths_B, max_new_tokens=64)
+
+  mesh / param_rules: shard rollouts (the batch over the batch axes of `mesh`, parameters
+  as `sharding.param_shardings(cfg, mesh, param_rules)` places them); None: one device.
+  `plan` is the per-shard plan (see the module docstring), or None for one program.
   """
-  key = (ml_collections.FrozenConfigDict(cfg), shard_over, tuple(sorted(static.items())))
-  if key not in _JITTED:
-    expert_axis = shard_over.expert_axis if shard_over is not None else None
 
-    def fn(params, prompt_BxP, lengths_B, keys_B):
-      out = _rollout(params, prompt_BxP, lengths_B, keys_B, cfg=cfg, expert_axis=expert_axis,
-                     **static)
-      return out if shard_over is None else out._replace(steps=out.steps[None])
-    if shard_over is not None:
-      rows = jax.sharding.PartitionSpec(shard_over.rows)
-      treedef, leaves = shard_over.param_specs
-      fn = jax.shard_map(fn, mesh=shard_over.mesh,
-                         in_specs=(jax.tree.unflatten(treedef, leaves), rows, rows, rows),
-                         out_specs=rows, check_vma=False)
-    _JITTED[key] = jax.jit(fn)
-  return _JITTED[key]
+  def __init__(self, cfg, mesh=None, param_rules=None):
+    config_lib.validate_model_config(cfg)
+    self.cfg, self.mesh, self.param_rules = cfg, mesh, param_rules
+    self._programs: dict = {}
+    self.plan = None
+    self._split = 1
+    dparams_sharding = None
+    if mesh is not None:
+      self.param_shardings = sharding.param_shardings(cfg, mesh, param_rules)
+      b1 = sharding.batch_sharding(mesh, 1, None, param_rules)
+      self._split = _batch_split(mesh, b1)
+      if self._split > 1:
+        self.plan = _shard_plan(cfg, self.param_shardings, tuple(b1.spec)[0])
+      if self.plan is not None:
+        shapes = jax.eval_shape(lambda p: decode.decode_params(p, cfg),
+                                jax.eval_shape(lambda k: decoder.init_params(cfg, k),
+                                               jax.random.key(0)))
+        self._dparams_specs = _decode_param_specs(shapes, self.plan.expert_axis)
+        dparams_sharding = jax.tree.map(lambda s: NamedSharding(mesh, s), self._dparams_specs)
+    self._prepare = jax.jit(lambda p: decode.decode_params(p, cfg),
+                            out_shardings=dparams_sharding)
 
+  def prepare(self, params):
+    """The weights in the decode layout (`decode.decode_params`), on this sampler's devices.
 
-# ---------------------------------------------------------------------------- entry point
+    Call it once per set of weights (a GRPO step, an evaluation) and pass the result to
+    every `generate` with those weights. Parameters already placed by
+    `sharding.place_params` are used where they are; others are placed first.
+    """
+    if self.mesh is not None:
+      params = jax.device_put(params, self.param_shardings)
+    return self._prepare(params)
 
-def generate(params, cfg, prompts, key, *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             lengths=None, prompt_bucket: int = 16, mesh=None, param_rules=None) -> SampleOutput:
-  """Samples a completion for every prompt; see SampleOutput and the module docstring.
+  def _program(self, **static):
+    key = tuple(sorted(static.items()))
+    if key not in self._programs:
+      plan = self.plan
+      cache_sharding = None
+      if self.mesh is not None and plan is None:
+        bs = sharding.batch_sharding(self.mesh, 2, self._split, self.param_rules)
+        cache_sharding = NamedSharding(self.mesh, P(*tuple(bs.spec)[:1], None, None))
+      expert_axis = plan.expert_axis if plan is not None else None
 
-  prompts: a list of token-id lists (any lengths >= 1), or a [B, L] array with `lengths`.
-  key: one jax.random key, or one per row ([B] typed keys / [B, 2] raw) to pin each row's
-    randomness independently of the batch it is in.
-  prompt_bucket: the padded prompt width is rounded up to a multiple of this, so the
-    program compiles once per (batch, bucket, max_new_tokens) rather than per prompt length.
-  mesh / param_rules: shard the rollout (batch over the batch axes of `mesh`, parameters by
-    `sharding.param_shardings(cfg, mesh, param_rules)`); None runs on the default device.
-  """
-  config_lib.validate_model_config(cfg)
-  _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id)
-  prompt_BxP, lengths_B = pad_prompts(prompts, pad_id, prompt_bucket, lengths)
-  model.check_tokens(prompt_BxP, cfg)
-  b = prompt_BxP.shape[0]
-  longest = int(lengths_B.max())
-  if longest + max_new_tokens > cfg.max_position_embeddings:
-    raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
-                     f"max_position_embeddings ({cfg.max_position_embeddings})")
-  keys_B = _row_keys(key, b)
+      def fn(dparams, prompt_BxP, lengths_B, keys_B):
+        out = _rollout(dparams, prompt_BxP, lengths_B, keys_B, cfg=self.cfg,
+                       cache_sharding=cache_sharding, expert_axis=expert_axis, **static)
+        return out if plan is None else out._replace(steps=out.steps[None])
+      if plan is not None:
+        rows = P(plan.rows)
+        fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(self._dparams_specs, rows, rows, rows),
+                           out_specs=rows, check_vma=False)
+      self._programs[key] = jax.jit(fn)
+    return self._programs[key]
 
-  cache_sharding = shard_over = None
-  if mesh is not None:
-    from r1jax import sharding  # local import: unsharded rollouts need no mesh code
-    split = _batch_split(mesh, sharding.batch_sharding(mesh, 1, None, param_rules))
-    extra = -b % split
+  def generate(self, dparams, prompts, key, *, max_new_tokens: int, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
+               pad_id: int = 0, lengths=None, prompt_bucket: int = 16) -> SampleOutput:
+    """Samples a completion for every prompt; see SampleOutput and the module docstring.
+
+    dparams: `prepare(params)`. prompts: a [B, P] array of left-aligned prompts with
+      `lengths` (as the data pipeline's PromptBatch holds them), or a list of token-id lists.
+    key: one jax.random key, or one per row ([B] typed keys / [B, 2] raw) to pin each row's
+      randomness independently of the batch it is in.
+    prompt_bucket: the padded prompt width is rounded up to a multiple of this, so the
+      program compiles once per (batch, bucket, max_new_tokens) rather than per prompt length.
+    """
+    cfg = self.cfg
+    _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id)
+    prompt_BxP, lengths_B = pad_prompts(prompts, pad_id, prompt_bucket, lengths)
+    is_array = lengths is not None or (isinstance(prompts, (np.ndarray, jax.Array))
+                                       and np.ndim(prompts) == 2)
+    width = (np.shape(prompts)[1] if is_array else int(lengths_B.max())) + max_new_tokens
+    decoder.check_tokens(prompt_BxP, cfg)
+    b = prompt_BxP.shape[0]
+    longest = int(lengths_B.max())
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+      raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+                       f"max_position_embeddings ({cfg.max_position_embeddings})")
+    keys_B = _row_keys(key, b)
+    extra = -b % self._split
     if extra:  # rows padded to a multiple of the batch split, dropped below
       prompt_BxP = np.concatenate([prompt_BxP, np.full((extra, prompt_BxP.shape[1]), pad_id,
                                                        np.int32)])
       lengths_B = np.concatenate([lengths_B, np.ones((extra,), np.int32)])
       keys_B = jnp.concatenate([keys_B, _row_keys(jax.random.key(0), extra)])
-    bs = sharding.batch_sharding(mesh, 2, b + extra, param_rules)
-    b1 = sharding.batch_sharding(mesh, 1, b + extra, param_rules)
-    param_shardings = sharding.param_shardings(cfg, mesh, param_rules)
-    if split > 1:
-      shard_over = _shard_plan(cfg, mesh, param_shardings, tuple(b1.spec)[0])
-    if shard_over is None:
-      cache_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-          *tuple(bs.spec)[:1], None, None))
-    params = jax.device_put(params, param_shardings)
-    prompt_BxP, lengths_B, keys_B = (jax.device_put(prompt_BxP, bs), jax.device_put(lengths_B, b1),
-                                     jax.device_put(keys_B, b1))
+    if self.mesh is not None:
+      bs = sharding.batch_sharding(self.mesh, 2, b + extra, self.param_rules)
+      b1 = sharding.batch_sharding(self.mesh, 1, b + extra, self.param_rules)
+      prompt_BxP, lengths_B, keys_B = (jax.device_put(prompt_BxP, bs),
+                                       jax.device_put(lengths_B, b1), jax.device_put(keys_B, b1))
+    fn = self._program(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                       top_p=float(top_p), top_k=int(top_k),
+                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
+    out = fn(dparams, prompt_BxP, lengths_B, keys_B)
+    if self.plan is not None:
+      out = out._replace(steps=jnp.max(out.steps))
+    if extra or out.tokens.shape[1] != width:  # the batch-split rows, the bucket's columns
+      out = SampleOutput(*(x if x.ndim == 0 else (x[:b, :width] if x.ndim == 2 else x[:b])
+                           for x in out))
+    return out
 
-  fn = _jitted_rollout(cfg, shard_over, max_new_tokens=int(max_new_tokens),
-                       temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
-                       cache_sharding=cache_sharding)
-  out = fn(params, prompt_BxP, lengths_B, keys_B)
-  if shard_over is not None:
-    out = out._replace(steps=jnp.max(out.steps))
-  width = longest + max_new_tokens
-  if out.tokens.shape != (b, width):
-    out = SampleOutput(*(x if x.ndim == 0 else (x[:b, :width] if x.ndim == 2 else x[:b])
-                         for x in out))
-  return out
+
+_SAMPLERS: dict = {}
+
+
+def generate(params, cfg, prompts, key, *, mesh=None, param_rules=None, **kwargs) -> SampleOutput:
+  """Rollouts in one call: `Sampler(cfg, mesh, param_rules)` (kept per config and layout, so
+  its programs are reused), prepare(params), then generate(**kwargs).
+
+  Loops that sample repeatedly hold their own Sampler and prepare once per set of weights.
+  """
+  key_ = (ml_collections.FrozenConfigDict(cfg), mesh,
+          tuple(sorted((param_rules or {}).items())))
+  if key_ not in _SAMPLERS:
+    _SAMPLERS[key_] = Sampler(cfg, mesh, param_rules)
+  s = _SAMPLERS[key_]
+  return s.generate(s.prepare(params), prompts, key, **kwargs)
+
+
+def completions_text(out: SampleOutput, tokenizer) -> list[str]:
+  """Decodes each row's completion (EOS and what follows excluded)."""
+  tokens = np.asarray(out.tokens)
+  starts = np.asarray(out.prompt_lengths)
+  lengths = np.asarray(out.lengths)
+  return [tokenizer.decode(tokens[i, starts[i]:starts[i] + lengths[i]]) for i in range(len(tokens))]
 
 
 def _batch_split(mesh, batch_sharding_1d) -> int:
@@ -446,9 +518,9 @@ def _batch_split(mesh, batch_sharding_1d) -> int:
 def cache_bytes_per_token(cfg, dtype_bytes: int | None = None) -> dict:
   """Bytes one token occupies in the latent cache vs a per-head MHA cache of the same model.
 
-  Latent (MLA): layers * (C + R). Per-head MHA: layers * H * ((N + R) keys + A values).
+  Latent (MLA): layers * Z (= C + R). Per-head MHA: layers * H * ((N + R) keys + A values).
   """
-  nbytes = dtype_bytes or jnp.dtype(model._DTYPES[cfg.dtype]).itemsize
+  nbytes = dtype_bytes or jnp.dtype(cfg.dtype).itemsize
   latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * nbytes
   mha = (cfg.num_hidden_layers * cfg.num_attention_heads
          * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * nbytes)

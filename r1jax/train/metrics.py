@@ -249,6 +249,14 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
   return path
 
 
+def curve(records: Iterable[Mapping], key: str, x: str = "step") -> list[tuple]:
+  """(x, value) points of one metric over records, skipping steps where it is missing, null
+  or not a number."""
+  def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+  return [(r[x], r[key]) for r in records if number(r.get(key)) and number(r.get(x))]
+
+
 def plot_curves(workdir: str, keys: Iterable[str], out_png: str):
   """Draws each metric in `keys` against step from <workdir>/metrics.jsonl into out_png.
 
@@ -264,11 +272,7 @@ def plot_curves(workdir: str, keys: Iterable[str], out_png: str):
   if not keys:
     raise ValueError("plot_curves needs at least one metric key")
   records = read_metrics(workdir)
-  series = {}
-  for key in keys:
-    points = [(r["step"], r[key]) for r in records
-              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
-    series[key] = points
+  series = {key: curve(records, key) for key in keys}
   missing = [k for k, pts in series.items() if not pts]
   if missing:
     raise ValueError(f"no values for metric(s) {missing} in {os.path.join(workdir, METRICS_FILE)}")

@@ -1,0 +1,1 @@
+"""Tokenizers and the grain pipelines that turn tasks into prompt batches and SFT rows."""

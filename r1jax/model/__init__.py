@@ -1,0 +1,7 @@
+"""The DeepSeek-V3 architecture as pure functions over parameter pytrees.
+
+config (fields, validation), presets (released shapes and tiny twins), layers (RMSNorm,
+SwiGLU, parameter specs), rope (RoPE, YaRN), mla (Multi-head Latent Attention), moe (router
+and dispatch registry), decoder (parameters, the block, forward, MTP, counts), hf (HF
+checkpoint I/O). Nothing here imports from outside r1jax/model/.
+"""

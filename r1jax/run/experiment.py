@@ -1,0 +1,134 @@
+"""The experiment assembly every mode shares: config arguments, the task, tokenizer and
+model config of a run, its mesh, its initial parameters, and restoring a stage's checkpoint.
+
+A run's config (configs/*.py) holds mode, seed, task, model, mesh and one sub-config per
+stage (sft, grpo, eval); `build` validates it once, at the start of the mode.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import ml_collections
+
+from r1jax import sharding
+from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.model import config as config_lib
+from r1jax.model import decoder
+from r1jax.tasks import base as task_base
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import optim
+
+# Config fields that no longer exist -> what replaced them (a command-line override of one
+# stops at start-up with this message instead of a KeyError deep in the flag parser).
+REPLACED_FIELDS = {
+    "model.router_bias_update_rate": "sft.optimizer.router_bias_update_rate (and "
+                                     "grpo.optimizer.router_bias_update_rate for RL)",
+    "grpo.router_bias_update_rate": "grpo.optimizer.router_bias_update_rate",
+    "eval.seed": "seed (the held-out problems are fixed for every run: "
+                 "r1jax.train.evaluate.HELDOUT_SEED)",
+    "sft.log_every": "nothing: SFT logs every step, read one step late",
+}
+
+
+def check_replaced_fields(argv) -> None:
+  """ValueError for any `--config.FIELD=...` in argv naming a field in REPLACED_FIELDS."""
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    field = arg[len("--config."):].split("=", 1)[0]
+    if field in REPLACED_FIELDS:
+      raise ValueError(f"config field {field!r} was removed; use {REPLACED_FIELDS[field]}")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a `get_config` argument like "variant=tiny,steps=10" (big_vision style).
+
+  Values take the type of the default given for that key; unknown keys raise.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key!r} expects a bool, got {value!r}")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def build(cfg):
+  """(task, tokenizer, model_cfg) from an experiment config; the vocab follows the tokenizer.
+
+  The model config is validated here, once per mode.
+  """
+  task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
+  model_cfg = copy.deepcopy(cfg.model)
+  model_cfg.vocab_size = tokenizer.vocab_size
+  config_lib.validate_model_config(model_cfg)
+  return task, tokenizer, model_cfg
+
+
+def mesh_of(cfg):
+  """The config's device mesh from `cfg.mesh` (axis sizes, e.g. {'data': -1}; see
+  sharding.make_mesh), or None (absent or empty: one device)."""
+  shape = cfg.get("mesh")
+  if not shape:
+    return None
+  return sharding.make_mesh(dict(shape))
+
+
+def trace_task(cfg):
+  """The task the cold-start traces come from (task kwargs + task.trace_overrides)."""
+  kwargs = {**cfg.task.kwargs.to_dict(), **cfg.task.trace_overrides.to_dict()}
+  return task_base.get_task(cfg.task.name, **kwargs)
+
+
+def init_params(model_cfg, seed: int, mesh=None):
+  """Random initial parameters; with a mesh, initialised shape-first in place on the devices
+  (`sharding.init_sharded_params`), so no host holds the whole set."""
+  key = jax.random.key(seed)
+  if mesh is None:
+    return decoder.init_params(model_cfg, key)
+  return sharding.init_sharded_params(model_cfg, key, mesh)
+
+
+def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):
+  """Parameters of the latest checkpoint under run_dir/checkpoints, or None if there is none.
+
+  optimizer_cfg and extra (names of other parameter-shaped entries, e.g. 'ref_params')
+  describe the saved state, so the restore knows every array's shape.
+  """
+  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return None
+  params = jax.eval_shape(lambda k: decoder.init_params(model_cfg, k), jax.random.key(0))
+  opt = optim.make_optimizer(optimizer_cfg, 1)
+  abstract = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
+              "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
+  for k in extra:
+    abstract[k] = params
+  with ckpt_lib.CheckpointManager(run_dir) as manager:
+    if manager.latest_step() is None:
+      return None
+    restored = manager.restore(abstract)
+  name = os.path.basename(os.path.normpath(run_dir))
+  print(f"loaded {name} checkpoint at step {restored.step} from {run_dir}")
+  return restored.state["params"]
+
+
+def latest_params(cfg, workdir: str, model_cfg):
+  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
+  for name, ocfg, extra in (("grpo", cfg.grpo.optimizer, ("ref_params",)),
+                            ("sft", cfg.sft.optimizer, ())):
+    params = restore_params(os.path.join(workdir, name), ocfg, model_cfg, extra)
+    if params is not None:
+      return params
+  raise ValueError(f"no sft or grpo checkpoint found under {workdir}")

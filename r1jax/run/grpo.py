@@ -1,0 +1,25 @@
+"""`grpo` mode: GRPO from the workdir's latest checkpoint, or from random init (R1-Zero);
+ends with workdir/grpo/curves.png (reward, accuracy and format rate per step)."""
+from __future__ import annotations
+
+import os
+
+from r1jax.run import experiment
+from r1jax.train import metrics, rl
+
+
+def run(cfg, workdir: str):
+  rl.validate(cfg.grpo)
+  task, tokenizer, model_cfg = experiment.build(cfg)
+  mesh = experiment.mesh_of(cfg)
+  try:
+    params = experiment.latest_params(cfg, workdir, model_cfg)
+  except ValueError:
+    print("no SFT checkpoint in workdir: starting from random init (R1-Zero)")
+    params = experiment.init_params(model_cfg, cfg.seed, mesh)
+  out = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
+                 task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
+                 mesh=mesh)
+  metrics.plot_curves(os.path.join(workdir, "grpo"), ["reward_mean", "accuracy", "format_rate"],
+                      "curves.png")
+  return out
