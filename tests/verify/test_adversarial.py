@@ -147,6 +147,15 @@ CASES = [
     ('ptrace_parent',
      'import ctypes, os\nlibc = ctypes.CDLL(None)\n'
      'print("PASS" if libc.ptrace(16, os.getppid(), 0, 0) == 0 else "FAIL")', EXPECT_PASS),
+    ('forged_record_nested_past_the_recursion_limit',
+     'import os, sys\ndef f(*a):\n  g = sys._getframe(1).f_globals\n'
+     '  line = g["_NONCE"] + " 0 ok " + "[" * 200000 + "]" * 200000 + "\\n"\n'
+     '  os.write(g["_emit_fd"], line.encode())\n  os._exit(0)', SECRET_FN),
+    ('forged_record_with_odd_index_digits',
+     'import os, sys\ndef f(*a):\n  g = sys._getframe(1).f_globals\n'
+     '  for i in ("\\u00b2", "9" * 5000, "0" * 3 + "1"):\n'
+     '    os.write(g["_emit_fd"], (g["_NONCE"] + " " + i + " ok 7\\n").encode())\n'
+     '  os._exit(0)', SECRET_FN),
     # Kernel state that namespaces do not cover, and memory outside RLIMIT_AS (memory_mb=256).
     ('session_keyring_reachable',  # KEYCTL_GET_KEYRING_ID of KEY_SPEC_SESSION_KEYRING
      f'import ctypes\nlibc = ctypes.CDLL(None)\n'
