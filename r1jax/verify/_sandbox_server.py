@@ -80,8 +80,7 @@ _DENIED = ('keyctl', 'add_key', 'request_key', 'memfd_create', 'memfd_secret', '
 _SYSV_GET = ('shmget', 'msgget', 'semget')  # denied too when the run's IPC limits are not set
 _CLONE_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
                      | CLONE_NEWPID | CLONE_NEWNET)
-# SysV IPC limits written into each run's own IPC namespace (see _limit_sysv_ipc).
-_IPC_PAGE = os.sysconf('SC_PAGE_SIZE')
+_IPC_PAGE = os.sysconf('SC_PAGE_SIZE')  # kernel.shmall counts pages (see _limit_sysv_ipc)
 
 
 def _check(ret, what):
@@ -147,6 +146,7 @@ class _SockFprog(ctypes.Structure):
   _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]
 
 
+@functools.lru_cache(maxsize=2)  # built once in the server, inherited by every fork
 def _seccomp_program(deny_sysv_ipc: bool) -> bytes:
   """A classic-BPF seccomp filter (see _DENIED); other architectures and x32 calls are refused.
 
@@ -469,7 +469,8 @@ def main():
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)
   _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
   _join_new_session_keyring()
-  _seccomp_program(deny_sysv_ipc=True)  # fails here, not in a run, where there is no filter
+  for deny_sysv_ipc in (False, True):  # fails here, not in a run, where there is no filter
+    _seccomp_program(deny_sysv_ipc)
   rfd, wfd = 0, 1
   _write_all(wfd, b'READY\n')
   while True:

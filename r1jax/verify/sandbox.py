@@ -391,7 +391,8 @@ def run_python(code: str, *, stdin: str | bytes = '', timeout_s: float = 5.0,
     code: the program source.
     stdin: bytes or text fed to its standard input.
     timeout_s: wall-clock limit; at expiry every process of the run is killed.
-    memory_mb: address-space limit (RLIMIT_AS) of each process.
+    memory_mb: address-space limit (RLIMIT_AS) of each process, and the cap on the run's
+      SysV shared memory in all (see the module docstring for what is not bounded).
     max_output_bytes: cap on each of stdout and stderr; exceeding it kills the run
       (truncated=True).
     allow_unsafe: if isolation is unavailable, run without it instead of raising.
