@@ -17,7 +17,8 @@ Design (a fork server, so a run costs a few milliseconds instead of a fresh inte
   and serves one request at a time.
 * Per request the server forks a child that enters new mount, pid and SysV IPC namespaces with
   its own size-limited tmpfs /tmp and its own IPC limits (shared memory capped at memory_mb in
-  all, see _sandbox_server._limit_sysv_ipc). Its pid 1 forks the runner, which switches to a
+  all, see _sandbox_server._limit_sysv_ipc; where they cannot be written, the filter refuses
+  shmget/msgget/semget instead). Its pid 1 forks the runner, which switches to a
   non-root uid (one per process and server slot, see sandbox_uid, when the host is root), enters a
   new user namespace (uid 65534 inside), drops all capabilities, sets no_new_privs and rlimits
   (address space, CPU, file size, open files, processes, no core dumps), joins a new, empty session
@@ -67,7 +68,9 @@ not a security boundary for adversaries who target the kernel.
 
 Programs see the standard library only (site-packages and dist-packages directories are hidden,
 not only left off sys.path), a run's own request (source, stdin, limits) and the server's source;
-expected outputs are never sent in (see r1jax.verify.code).
+expected outputs are never sent in (see r1jax.verify.code). /dev/shm is not writable for them, so
+POSIX semaphores (multiprocessing's locks and queues) are unavailable; threads, fork and
+subprocess work.
 
 Where bubblewrap or namespaces are unavailable, `run_python` raises SandboxUnavailableError unless
 the caller passes `allow_unsafe=True` (or sets R1JAX_ALLOW_UNSAFE_EXEC=1), which runs the code in a
