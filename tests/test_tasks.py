@@ -284,6 +284,48 @@ def test_jsonl_missing_file_and_lenient_mode(tmp_path):
     base.get_task("gsm8k", train_path=_write(tmp_path, [GOOD_GSM, "{"], "b.jsonl"), strict=False)
 
 
+MBPP_THREE = {"text": "Write a function to add one.", "code": "def inc(x):\n  return x + 1",
+              "test_list": ["assert inc(1) == 2", "assert inc(5) == 6", "assert inc(-3) == -2"]}
+
+
+def _lookup_table_solution(question: str) -> str:
+  """Code that answers exactly the asserts shown in the prompt, from a table."""
+  table = {}
+  for line in question.splitlines():
+    if line.startswith("assert "):
+      test = jsonl.assert_to_test(line, "prompt")
+      table[tuple(test["args"])] = test["expected"]
+  return f"def inc(*args):\n  return {table!r}[args]"
+
+
+@pytest.mark.skipif(__import__("shutil").which("bwrap") is None, reason="needs bubblewrap")
+def test_mbpp_reward_is_not_earned_by_a_table_of_the_shown_asserts(tmp_path):
+  task = base.get_task("mbpp", train_path=_write(tmp_path, [json.dumps(MBPP_THREE)]))
+  ex = task.examples("train")[0]
+  assert "assert inc(1) == 2" in ex.question
+  assert "inc(5)" not in ex.question and "inc(-3)" not in ex.question
+  assert len(ex.fields["tests"]) == 3  # the shown assert is one of the rewarded tests
+  table = _lookup_table_solution(ex.question)
+  assert table.count("): ") == 1
+  assert task.reward("", _resp("", code_task.code_block(table)), **ex.reward_kwargs()) == 0.0
+  assert task.reward("", ex.trace, **ex.reward_kwargs()) == 1.0
+
+
+def test_mbpp_prompt_always_holds_a_test_back(tmp_path):
+  one = dict(MBPP_THREE, test_list=["assert inc(1) == 2"])
+  with_challenge = dict(one, challenge_test_list=["assert inc(9) == 10"])
+  path = _write(tmp_path, [json.dumps(r) for r in (MBPP_THREE, one, with_challenge)])
+  for num_shown, shown in ((0, [0, 0, 0]), (1, [1, 0, 1]), (5, [2, 0, 1])):
+    examples = base.get_task("mbpp", train_path=path, num_shown=num_shown).examples("train")
+    assert [ex.question.count("assert ") for ex in examples] == shown, num_shown
+    assert [len(ex.fields["tests"]) for ex in examples] == [3, 1, 2]
+  lone = base.get_task("mbpp", train_path=path).examples("train")[1]
+  assert lone.question.endswith("define a function inc taking 1 argument.")
+  assert "inc(9)" not in base.get_task("mbpp", train_path=path).examples("train")[2].question
+  with pytest.raises(ValueError, match="num_shown"):
+    base.get_task("mbpp", train_path=path, num_shown=-1)
+
+
 def test_assert_to_test_hand_checked():
   assert jsonl.assert_to_test("assert g(1, 'a', [2]) == {'k': (3,)}", "u") == {
       "fn": "g", "args": [1, "a", [2]], "expected": {"k": (3,)}}

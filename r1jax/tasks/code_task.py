@@ -8,7 +8,9 @@ computed in this process by a reference implementation, and has a trace whose
 The reward runs the completion's last ```python block inside <answer> through
 `r1jax.verify.code.score` (a separate, isolated process); tests never enter the
 sandbox as code, comparisons happen in the parent. Malformed completions score 0
-without starting the sandbox. `score_code_completion` is shared with MBPP files.
+without starting the sandbox. The prompt states the function in words and shows
+no test, so the reward checks inputs the model never saw. `score_code_completion`
+is shared with MBPP files (see `jsonl.MbppTask` for what their prompts show).
 """
 from __future__ import annotations
 

@@ -8,11 +8,17 @@ Formats (one JSON object per line; blank lines are skipped; extra keys ignored):
          dropped from the worked solution used as the trace.
   math   {"problem": str, "solution": str}  the gold answer is the content of the
          last \\boxed{...} (Hendrycks et al. 2021), braces matched.
-  mbpp   {"text": str, "code": str, "test_list": [str, ...]}  (Austin et al. 2021);
+  mbpp   {"text": str, "code": str, "test_list": [str, ...],
+          "challenge_test_list": [str, ...] (optional)}  (Austin et al. 2021);
          each test must be `assert name(args) == expected` with literal arguments
          and expected value; it becomes {'fn', 'args', 'expected'} via `ast` and
-         `ast.literal_eval` (no code is run). The prompt lists the asserts, as in
-         the MBPP paper's prompt.
+         `ast.literal_eval` (no code is run). The prompt shows the first
+         `num_shown` asserts (default 1), as the MBPP paper's prompt shows its
+         tests, but always holds at least one test back; the reward runs every
+         test (test_list and challenge_test_list), so the shown ones are a strict
+         subset and a lookup table keyed on the shown inputs fails the others.
+         When nothing can be shown (a record with one test in all), the prompt
+         names the function and its number of arguments instead.
 
 Files are read and validated completely when the task is built, so bad data
 stops the run at start-up with `ValueError('<path>:<line>: ...')`. The parsers
@@ -21,6 +27,7 @@ take a plain dict, so `tfds_source` reuses them for TFDS records.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
 import os
@@ -107,19 +114,35 @@ def assert_to_test(source: str, uid: str) -> dict:
   return {"fn": test.left.func.id, "args": args, "expected": expected}
 
 
-def parse_mbpp(record: dict, uid: str) -> base.Example:
+def _string_list(record: dict, key: str, uid: str, required: bool) -> list[str]:
+  if not required and record.get(key) is None:
+    return []
+  values = _field(record, key, uid, list)
+  if (required and not values) or not all(isinstance(t, str) for t in values):
+    raise ValueError(f"{uid}: field {key!r} must be a {'non-empty ' if required else ''}"
+                     "list of strings")
+  return values
+
+
+def parse_mbpp(record: dict, uid: str, num_shown: int = 1) -> base.Example:
+  """An MBPP record; the prompt shows at most `num_shown` asserts, the reward runs all tests."""
   text = _field(record, "text", uid)
   code = _field(record, "code", uid)
-  asserts = _field(record, "test_list", uid, list)
-  if not asserts or not all(isinstance(t, str) for t in asserts):
-    raise ValueError(f"{uid}: field 'test_list' must be a non-empty list of strings")
+  asserts = _string_list(record, "test_list", uid, required=True)
+  challenge = _string_list(record, "challenge_test_list", uid, required=False)
   setup = record.get("test_setup_code", "")
   if setup:
     raise ValueError(f"{uid}: non-empty 'test_setup_code' is not supported")
-  tests = [assert_to_test(t, uid) for t in asserts]
+  tests = [assert_to_test(t, uid) for t in asserts + challenge]
+  shown = asserts[:max(0, min(num_shown, len(tests) - 1))]  # at least one test held back
   code = code.replace("\r\n", "\n").strip()
-  question = text.strip() + "\nYour code should pass these tests:\n" + "\n".join(
-      t.strip() for t in asserts)
+  if shown:
+    question = text.strip() + "\nYour code should pass these tests:\n" + "\n".join(
+        t.strip() for t in shown)
+  else:
+    n = len(tests[0]["args"])
+    question = (text.strip() + f"\nYour code should define a function {tests[0]['fn']} "
+                f"taking {n} argument{'' if n == 1 else 's'}.")
   return base.Example(question=question, answer=code,
                       trace=base.format_response("", code_task.code_block(code)),
                       fields={"tests": tests}, uid=uid)
@@ -203,8 +226,11 @@ class JsonlTask(base.Task):
     paths = {"train": train_path, "test": test_path}
     if all(p is None for p in paths.values()):
       raise ValueError(f"task {self.name!r} needs train_path and/or test_path")
-    self._data = {s: read_jsonl(p, PARSERS[self.fmt], strict)
+    self._data = {s: read_jsonl(p, self._parser(), strict)
                   for s, p in paths.items() if p is not None}
+
+  def _parser(self) -> Callable[[dict, str], base.Example]:
+    return PARSERS[self.fmt]
 
   def source(self, split: str, seed: int = 0) -> Sequence[base.Example]:
     """The loaded examples (file order; the data pipeline shuffles). `seed` is unused."""
@@ -238,10 +264,29 @@ class MathTask(JsonlTask):
 
 
 class MbppTask(JsonlTask):
-  """MBPP-style code problems; reward by the sandboxed tests (see `code_task`)."""
+  """MBPP-style code problems; reward by the sandboxed tests (see `code_task`).
+
+  The reward is 1.0 iff the completion's code passes every test of the record
+  (test_list and challenge_test_list), of which the prompt shows only the first
+  `num_shown` asserts and never all: passing the shown examples is not enough.
+
+  Args:
+    num_shown: asserts shown in the prompt (at most all tests but one).
+    train_path / test_path / strict / template: as in `JsonlTask`.
+  """
 
   name = "mbpp"
   fmt = "mbpp"
+
+  def __init__(self, train_path: str | None = None, test_path: str | None = None,
+               strict: bool = True, template: str = "r1_zero", num_shown: int = 1):
+    if not isinstance(num_shown, int) or num_shown < 0:
+      raise ValueError(f"num_shown must be an int >= 0, got {num_shown!r}")
+    self.num_shown = num_shown
+    super().__init__(train_path, test_path, strict, template)
+
+  def _parser(self) -> Callable[[dict, str], base.Example]:
+    return functools.partial(parse_mbpp, num_shown=self.num_shown)
 
   def is_correct(self, completion: str, *, tests: list[dict], **unused) -> bool:
     del unused

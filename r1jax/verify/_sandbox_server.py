@@ -1,15 +1,16 @@
 """The program that runs inside the outer bubblewrap sandbox and forks one child per request.
 
-It is executed by the sandbox's own interpreter (`python -I -S <this file>`), never imported by the
-host, so it depends on the standard library only. `sandbox.py` documents the design; in short, per
-request:
+It is executed by the sandbox's own interpreter (`python -I -S -c <this file's text>`); the host
+imports it only to read constants (tests), so it depends on the standard library only.
+`sandbox.py` documents the design; in short, per request:
 
-  server (root inside the outer sandbox, CAP_SYS_ADMIN/SETUID/SETGID/SETFCAP only, one request
-          at a time)
-    -> holder: unshare(CLONE_NEWNS | CLONE_NEWPID), private tmpfs on /tmp
-       -> init (pid 1 of the new pid namespace): fresh /proc, waits for the runner
+  server (root inside the outer sandbox, CAP_SYS_ADMIN/SETUID/SETGID/SETFCAP only, its own empty
+          session keyring, one request at a time)
+    -> holder: unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), private tmpfs on /tmp
+       -> init (pid 1 of the new pid namespace): fresh /proc, SysV IPC limits, waits for the runner
           -> runner: setuid(non-root), new user namespace, no capabilities, no_new_privs,
-             rlimits, then exec()s the untrusted source with the request's pipes as fd 0/1/2.
+             rlimits, a new session keyring, the seccomp filter, then exec()s the untrusted
+             source with the request's pipes as fd 0/1/2.
 
 When init exits (runner done, or killed by the server at the deadline) the kernel kills every
 process left in that pid namespace, daemonised grandchildren included.
@@ -34,12 +35,52 @@ import bisect, collections, fractions, functools, heapq, itertools, math, re, st
 import decimal, io, operator, random, statistics, typing  # noqa: E401,F401
 
 CLONE_NEWNS = 0x00020000
-CLONE_NEWPID = 0x20000000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 38, 24, 1, 4
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+KEYCTL_JOIN_SESSION_KEYRING = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _STATUS_SIGNALLED = 1000  # runner exit codes >= this mean "killed by signal (code - 1000)"
+_SOCKET_FAMILIES = (1, 2, 10, 16)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK: all the others fail
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
+
+# System call numbers of the architectures the filter supports: (AUDIT_ARCH value, numbers).
+_ARCHES = {
+    'x86_64': (0xC000003E, {
+        'socket': 41, 'socketpair': 53, 'clone': 56, 'clone3': 435, 'unshare': 272,
+        'setns': 308, 'mount': 165, 'umount2': 166, 'pivot_root': 155, 'keyctl': 250,
+        'add_key': 248, 'request_key': 249, 'memfd_create': 319, 'memfd_secret': 447,
+        'io_uring_setup': 425, 'io_uring_enter': 426, 'io_uring_register': 427, 'bpf': 321,
+        'perf_event_open': 298, 'userfaultfd': 323, 'open_tree': 428, 'move_mount': 429,
+        'fsopen': 430, 'fsconfig': 431, 'fsmount': 432, 'fspick': 433, 'mount_setattr': 442,
+        'shmget': 29, 'msgget': 68, 'semget': 64}),
+    'aarch64': (0xC00000B7, {
+        'socket': 198, 'socketpair': 199, 'clone': 220, 'clone3': 435, 'unshare': 97,
+        'setns': 268, 'mount': 40, 'umount2': 39, 'pivot_root': 41, 'keyctl': 219,
+        'add_key': 217, 'request_key': 218, 'memfd_create': 279, 'memfd_secret': 447,
+        'io_uring_setup': 425, 'io_uring_enter': 426, 'io_uring_register': 427, 'bpf': 280,
+        'perf_event_open': 241, 'userfaultfd': 282, 'open_tree': 428, 'move_mount': 429,
+        'fsopen': 430, 'fsconfig': 431, 'fsmount': 432, 'fspick': 433, 'mount_setattr': 442,
+        'shmget': 194, 'msgget': 186, 'semget': 190}),
+}
+# Refused outright (EPERM): kernel keyrings (shared beyond the sandbox's namespaces), memory
+# outside RLIMIT_AS (memfd), io_uring (it makes sockets without the socket() call), new
+# namespaces and mounts (a nested user namespace could mount an unbounded tmpfs), and kernel
+# interfaces no solution needs.
+_DENIED = ('keyctl', 'add_key', 'request_key', 'memfd_create', 'memfd_secret', 'io_uring_setup',
+           'io_uring_enter', 'io_uring_register', 'unshare', 'setns', 'mount', 'umount2',
+           'pivot_root', 'open_tree', 'move_mount', 'fsopen', 'fsconfig', 'fsmount', 'fspick',
+           'mount_setattr', 'bpf', 'perf_event_open', 'userfaultfd')
+_SYSV_GET = ('shmget', 'msgget', 'semget')  # denied too when the run's IPC limits are not set
+_CLONE_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                     | CLONE_NEWPID | CLONE_NEWNET)
+_IPC_PAGE = os.sysconf('SC_PAGE_SIZE')  # kernel.shmall counts pages (see _limit_sysv_ipc)
 
 
 def _check(ret, what):
@@ -76,6 +117,106 @@ def _drop_capabilities():
   header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
   data = (ctypes.c_uint32 * 6)()
   _check(_LIBC.capset(header, data), 'capset')
+
+
+def _syscall_numbers() -> tuple[int, dict]:
+  machine = os.uname().machine
+  if machine not in _ARCHES:
+    raise OSError(ENOSYS, f'no system call filter for {machine}: refusing to run unfiltered')
+  return _ARCHES[machine]
+
+
+def _join_new_session_keyring():
+  """Replaces the inherited session keyring by a new, empty, anonymous one.
+
+  Kernel keyrings are not covered by any namespace the sandbox makes: without this, the server and
+  its runs would share the host process's session keyring (read, add and revoke its keys).
+  """
+  keyctl = _LIBC.syscall
+  keyctl.restype = ctypes.c_long
+  number = _syscall_numbers()[1]['keyctl']
+  if keyctl(ctypes.c_long(number), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+            ctypes.c_void_p(None)) < 0:
+    err = ctypes.get_errno()
+    if err != ENOSYS:  # ENOSYS: a kernel without keyrings, so nothing is shared
+      raise OSError(err, f'keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}')
+
+
+class _SockFprog(ctypes.Structure):
+  _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=2)  # built once in the server, inherited by every fork
+def _seccomp_program(deny_sysv_ipc: bool) -> bytes:
+  """A classic-BPF seccomp filter (see _DENIED); other architectures and x32 calls are refused.
+
+  socket() and socketpair() work for the families in _SOCKET_FAMILIES only (AF_VSOCK and the
+  like reach beyond the network namespace); clone() may not make namespaces; clone3() reports
+  ENOSYS (its flags are out of the filter's reach), so the C library falls back to clone().
+  """
+  audit_arch, numbers = _syscall_numbers()
+  load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|..., BPF_RET
+  allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000
+  prog = []
+
+  def op(code, k, jt=0, jf=0):
+    prog.append(struct.pack('HBBI', code, jt, jf, k))
+
+  op(load, 4)  # seccomp_data.arch
+  op(jeq, audit_arch, 1, 0)
+  op(ret, kill)
+  op(load, 0)  # seccomp_data.nr
+  if audit_arch == _ARCHES['x86_64'][0]:
+    op(jge, 0x40000000, 0, 1)  # the x32 ABI
+    op(ret, errno | ENOSYS)
+  for name in _DENIED + (_SYSV_GET if deny_sysv_ipc else ()):
+    op(jeq, numbers[name], 0, 1)
+    op(ret, errno | EPERM)
+  op(jeq, numbers['clone3'], 0, 1)
+  op(ret, errno | ENOSYS)
+  op(jeq, numbers['clone'], 0, 4)
+  op(load, 16)  # low word of args[0], the flags
+  op(jset, _CLONE_NAMESPACES, 0, 1)
+  op(ret, errno | EPERM)
+  op(ret, allow)
+  families = _SOCKET_FAMILIES
+  for name in ('socket', 'socketpair'):
+    op(jeq, numbers[name], 0, len(families) + 3)
+    op(load, 16)  # low word of args[0], the address family
+    for i, family in enumerate(families):
+      op(jeq, family, len(families) - i, 0)
+    op(ret, errno | EAFNOSUPPORT)
+    op(ret, allow)
+  op(ret, allow)
+  return b''.join(prog)
+
+
+def _install_seccomp(deny_sysv_ipc: bool):
+  program = _seccomp_program(deny_sysv_ipc)
+  buffer = ctypes.create_string_buffer(program, len(program))
+  fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+  _check(_LIBC.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                     ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)), 'seccomp')
+
+
+def _limit_sysv_ipc(memory_mb: int) -> bool:
+  """Caps SysV IPC in the run's own IPC namespace, whose kernel.shm*/msg*/sem are its own.
+
+  Shared memory in all segments together is capped at memory_mb (segments stay alive without
+  any process mapping them, so RLIMIT_AS alone does not bound them); message queues at 16 of 16
+  KiB; semaphores at 32 sets. False when the limits cannot be written (then the runner's filter
+  refuses shmget/msgget/semget instead).
+  """
+  total = memory_mb << 20
+  values = {'shmmax': total, 'shmall': total // _IPC_PAGE, 'shmmni': 64, 'msgmni': 16,
+            'msgmnb': 16384, 'sem': '250 8000 32 32'}
+  try:
+    for name, value in values.items():
+      with open(f'/proc/sys/kernel/{name}', 'w') as f:
+        f.write(f'{value}\n')
+  except OSError:
+    return False
+  return True
 
 
 def _runner(req, fds):
@@ -119,6 +260,8 @@ def _runner(req, fds):
       f.write(f'65534 {outer_gid} 1')
     _drop_capabilities()
     _check(_LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 'no_new_privs')
+    _join_new_session_keyring()
+    _install_seccomp(deny_sysv_ipc=not req.get('sysv_ipc_limited'))
     os.chdir('/tmp')
     sys.stdin = io.TextIOWrapper(io.FileIO(0, 'r', closefd=False), encoding='utf-8')
     sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), encoding='utf-8')
@@ -167,6 +310,7 @@ def _init(req, fds, status_w):
       _mount('proc', '/proc', 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
       pass  # keeps the outer sandbox's /proc (it shows only this server's processes)
+    req['sysv_ipc_limited'] = _limit_sysv_ipc(req['memory_mb'])
     pid = os.fork()
     if pid == 0:
       os.close(status_w)
@@ -189,7 +333,7 @@ def _init(req, fds, status_w):
 def _holder(req, fds, status_w):
   """Enters fresh mount + pid namespaces, mounts a private /tmp, forks init and waits."""
   try:
-    _check(_LIBC.unshare(CLONE_NEWNS | CLONE_NEWPID), 'unshare(mnt|pid)')
+    _check(_LIBC.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), 'unshare(mnt|pid|ipc)')
     _mount(None, '/', None, MS_REC | MS_PRIVATE)
     _mount('tmpfs', '/tmp', 'tmpfs', MS_NOSUID | MS_NODEV,
            f'size={req["tmp_mb"]}m,nr_inodes=4096,mode=1777')
@@ -324,6 +468,9 @@ def _handle(req, stdin_bytes):
 def main():
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)
   _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+  _join_new_session_keyring()
+  for deny_sysv_ipc in (False, True):  # fails here, not in a run, where there is no filter
+    _seccomp_program(deny_sysv_ipc)
   rfd, wfd = 0, 1
   _write_all(wfd, b'READY\n')
   while True:

@@ -13,11 +13,13 @@ API:
       limit and its whole stdout equals expected_stdout after normalising line endings, trailing
       whitespace on each line and trailing blank lines (never a prefix, never line-by-line zip).
   {'fn': name, 'args': [...], 'expected': value}
-      All fn tests run in one sandboxed process: a harness executes the source (with
-      __name__ = 'solution', so a main guard does not run), calls name(*args) (or
-      Solution().name(*args)) for each test and prints each return value as JSON on a line tagged
-      with a random nonce. The parent decodes the JSON itself and compares with exact types at
-      every level (5 is not '5', not 5.0, not True; tuples count as lists, as in JSON).
+      All fn tests run in one sandboxed process: a harness reads the calls (marshal, so integers
+      of any size travel exactly), executes the source (with __name__ = 'solution', so a main guard
+      does not run), calls name(*args) (or Solution().name(*args)) for each test and writes each
+      return value as JSON on a line tagged with a random nonce, to a descriptor of its own: the
+      program's own stdout goes to /dev/null, so nothing it prints (long lines, no trailing
+      newline) can run into a record. The parent decodes the JSON itself and compares with exact
+      types at every level (5 is not '5', not 5.0, not True; tuples count as lists, as in JSON).
 
 Where the trust lies: the arguments enter the sandbox, the expected values never do. Everything
 inside the sandbox (harness included) is assumed compromised: a program may patch builtins,
@@ -27,12 +29,19 @@ plain types; a test whose record is missing, duplicated or malformed fails. Obje
 rigged __eq__ / __bool__, or subclasses of int / str / list, are rejected by the harness's
 exact-type serialiser, and even a forged record could only claim a plain value.
 
+Never raises because of the program or what it prints: the parent's reading of the output is
+total (forged records nested past the recursion limit, integers longer than any expected one,
+odd index digits all count as a failed test), and a sandbox server failure scores the tests it
+covers 0 with reason 'sandbox_error'. It raises ValueError for malformed tests and
+SandboxUnavailableError when isolation is missing (a set-up problem, not a verdict).
+
 reward = passed / total, or 1.0 / 0.0 when all_or_nothing=True.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import marshal
 import re
 import secrets
 from typing import Any
@@ -120,10 +129,15 @@ def _validate(tests) -> list[str]:
 
 
 _HARNESS = r'''
-import io as _io, json as _json, os as _os, sys as _sys
-_emit_fd = _os.dup(1)
-_calls = _json.loads(_sys.stdin.read())
+import io as _io, json as _json, marshal as _marshal, os as _os, sys as _sys
+if hasattr(_sys, 'set_int_max_str_digits'):
+  _sys.set_int_max_str_digits(0)  # return values of any size are written out exactly
+_calls = _marshal.loads(_sys.stdin.buffer.read())
 _sys.stdin = _io.StringIO('')
+_emit_fd = _os.dup(1)
+_null = _os.open(_os.devnull, _os.O_WRONLY)
+_os.dup2(_null, 1)  # the program's own prints never share a stream with the records
+_os.close(_null)
 _NONCE = %(nonce)r
 _dumps, _write, _type = _json.dumps, _os.write, type
 
@@ -160,40 +174,92 @@ for _i, (_name, _args) in enumerate(_calls):
     _emit(_i, 'error', type(_e).__name__)
 '''
 
+_RECORD_RE = re.compile(r'([0-9]{1,9}) (ok|error) (.*)', re.DOTALL)
+_STR_DIGITS = 4000  # below the interpreter's int <-> str limit (4300 by default)
+
+
+class _IntTooLong(ValueError):
+  pass
+
+
+def _int_digits(value: Any) -> int:
+  # An upper bound on the decimal digits of the longest integer in a plain expected value.
+  if type(value) is int:
+    return int(value.bit_length() * 0.30103) + 1
+  if isinstance(value, list):
+    return max((_int_digits(v) for v in value), default=0)
+  if isinstance(value, dict):
+    return max((_int_digits(v) for v in value.values()), default=0)
+  return 0
+
+
+def _parse_int(text: str, max_digits: int) -> int:
+  # json's parse_int: an integer longer than every expected one cannot match; others of any size
+  # are built in pieces (int() refuses long decimal text).
+  digits = text.lstrip('-')
+  if len(digits) > max(max_digits, 1):
+    raise _IntTooLong('integer longer than any expected one')
+  if len(digits) <= _STR_DIGITS:
+    return int(text)
+  value = 0
+  for start in range(0, len(digits), _STR_DIGITS):
+    chunk = digits[start:start + _STR_DIGITS]
+    value = value * 10**len(chunk) + int(chunk)
+  return -value if text.startswith('-') else value
+
+
+def _read_records(stdout: str, nonce: str) -> dict[int, list]:
+  records: dict[int, list] = {}
+  for line in stdout.split('\n'):
+    if not line.startswith(nonce + ' '):
+      continue
+    match = _RECORD_RE.fullmatch(line, len(nonce) + 1)
+    if match:
+      records.setdefault(int(match.group(1)), []).append((match.group(2), match.group(3)))
+  return records
+
+
+def _judge(test: dict, recs: list, timed_out: bool) -> dict:
+  if len(recs) != 1:
+    reason = 'missing' if not recs else 'duplicate_records'
+    if not recs and timed_out:
+      reason = 'timeout'
+    return {'passed': False, 'reason': reason}
+  status, payload = recs[0]
+  if status != 'ok':
+    return {'passed': False, 'reason': 'runtime_error', 'error': payload[:200]}
+  expected = _plain(test['expected'])
+  max_digits = _int_digits(expected)
+  try:
+    got = json.loads(payload, parse_constant=_reject_constant,
+                     parse_int=lambda text: _parse_int(text, max_digits))
+  except _IntTooLong:
+    return {'passed': False, 'reason': 'wrong_answer'}
+  except (ValueError, RecursionError):  # RecursionError: a forged record nested too deeply
+    return {'passed': False, 'reason': 'malformed_record'}
+  ok = strict_equal(expected, got)
+  return {'passed': ok, 'reason': 'ok' if ok else 'wrong_answer'}
+
 
 def _run_fn_tests(code: str, fn_tests: list[dict], timeout_s: float, memory_mb: int,
                   run) -> list[dict]:
   nonce = secrets.token_hex(16)
   program = _HARNESS % {'nonce': nonce, 'source': code}
   calls = [[t['fn'], _plain(list(t['args']))] for t in fn_tests]
-  result = run(program, stdin=json.dumps(calls), timeout_s=timeout_s, memory_mb=memory_mb)
-  records: dict[int, list] = {}
-  for line in result.stdout.split('\n'):
-    if not line.startswith(nonce + ' '):
-      continue
-    parts = line.split(' ', 3)
-    if len(parts) == 4 and parts[1].isdigit():
-      records.setdefault(int(parts[1]), []).append((parts[2], parts[3]))
+  try:
+    result = run(program, stdin=marshal.dumps(calls), timeout_s=timeout_s, memory_mb=memory_mb)
+  except sandbox.SandboxUnavailableError:
+    raise
+  except RuntimeError as e:
+    return [{'passed': False, 'reason': 'sandbox_error', 'error': repr(e)[:200]}
+            for _ in fn_tests]
+  records = _read_records(result.stdout, nonce)
   details = []
   for i, test in enumerate(fn_tests):
-    recs = records.get(i, [])
-    if len(recs) != 1:
-      reason = 'missing' if not recs else 'duplicate_records'
-      if not recs and result.timed_out:
-        reason = 'timeout'
-      details.append({'passed': False, 'reason': reason})
-      continue
-    status, payload = recs[0]
-    if status != 'ok':
-      details.append({'passed': False, 'reason': 'runtime_error', 'error': payload[:200]})
-      continue
     try:
-      got = json.loads(payload, parse_constant=_reject_constant)
-    except ValueError:
+      details.append(_judge(test, records.get(i, []), result.timed_out))
+    except Exception:  # pylint: disable=broad-except  # a verdict, never a crash
       details.append({'passed': False, 'reason': 'malformed_record'})
-      continue
-    ok = strict_equal(_plain(test['expected']), got)
-    details.append({'passed': ok, 'reason': 'ok' if ok else 'wrong_answer'})
   return details
 
 
@@ -202,7 +268,12 @@ def _reject_constant(name: str):
 
 
 def _run_stdin_test(code: str, test: dict, timeout_s: float, memory_mb: int, run) -> dict:
-  result = run(code, stdin=test['stdin'], timeout_s=timeout_s, memory_mb=memory_mb)
+  try:
+    result = run(code, stdin=test['stdin'], timeout_s=timeout_s, memory_mb=memory_mb)
+  except sandbox.SandboxUnavailableError:
+    raise
+  except RuntimeError as e:
+    return {'passed': False, 'reason': 'sandbox_error', 'error': repr(e)[:200]}
   if result.timed_out:
     return {'passed': False, 'reason': 'timeout'}
   if result.truncated:
@@ -228,6 +299,7 @@ def score(code: str | None, tests: list[dict], *, all_or_nothing: bool = False,
 
   Raises:
     ValueError: malformed tests.
+    SandboxUnavailableError: isolation is unavailable (and unsafe execution was not allowed).
   """
   kinds = _validate(tests)
   run = run or sandbox.run_python

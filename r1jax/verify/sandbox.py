@@ -10,38 +10,67 @@ Design (a fork server, so a run costs a few milliseconds instead of a fresh inte
 * Each server is one long-lived `bwrap` (bubblewrap) sandbox with new pid, net, ipc, uts (and
   cgroup where possible) namespaces; a new user namespace as well when the host is not root. Its
   mount namespace shows only read-only binds of /usr, /lib*, /bin, /etc/ld.so.cache and the Python
-  installation, a fresh /dev and /proc, and a tmpfs /tmp. The environment is cleared. It runs
-  `_sandbox_server.py`, which pre-imports the standard library and serves one request at a time.
-* Per request the server forks a child that enters a new mount and pid namespace with its own
-  size-limited tmpfs /tmp. Its pid 1 forks the runner, which switches to a non-root uid (one per
-  process and server slot, see sandbox_uid, when the host is root), enters a new user namespace
-  (uid 65534 inside), drops all capabilities, sets no_new_privs and rlimits (address space, CPU, file size, open files,
-  processes, no core dumps), and then exec()s the source with its own stdin/stdout/stderr pipes.
+  installation, with every site-packages / dist-packages directory in them covered by an empty
+  read-only tmpfs, a fresh /dev and /proc, and a tmpfs /tmp. The environment is cleared. It runs
+  the source of `_sandbox_server.py`, passed as `python -I -S -c <source>` (so no mount shows where
+  the checkout lives), which joins a new, empty session keyring, pre-imports the standard library
+  and serves one request at a time.
+* Per request the server forks a child that enters new mount, pid and SysV IPC namespaces with
+  its own size-limited tmpfs /tmp and its own IPC limits (shared memory capped at memory_mb in
+  all, see _sandbox_server._limit_sysv_ipc; where they cannot be written, the filter refuses
+  shmget/msgget/semget instead). Its pid 1 forks the runner, which switches to a
+  non-root uid (one per process and server slot, see sandbox_uid, when the host is root), enters a
+  new user namespace (uid 65534 inside), drops all capabilities, sets no_new_privs and rlimits
+  (address space, CPU, file size, open files, processes, no core dumps), joins a new, empty session
+  keyring, installs a seccomp filter, and then exec()s the source with its own
+  stdin/stdout/stderr pipes.
+* The seccomp filter (classic BPF, x86_64 and aarch64; elsewhere set-up fails rather than run
+  unfiltered) refuses: the kernel keyring calls (keyctl, add_key, request_key), memfd_create and
+  memfd_secret, io_uring, unshare/setns/mount and the new mount API, clone() with namespace flags
+  (clone3 reports ENOSYS so the C library falls back to clone), bpf, perf_event_open,
+  userfaultfd, and socket()/socketpair() of any family but AF_UNIX, AF_INET, AF_INET6 and
+  AF_NETLINK (AF_VSOCK and its kind are not scoped by the network namespace). It is inherited by
+  every process of the run.
 * The server reads stdout and stderr concurrently (select) with byte caps, feeds stdin, and at the
   wall-clock deadline SIGKILLs the request's pid 1: the kernel then kills every process in that pid
-  namespace, including setsid/double-forked daemons. Its exit also does so after a normal run.
+  namespace, including setsid/double-forked daemons. Its exit also does so after a normal run, and
+  the run's IPC namespace (with every segment, queue and semaphore in it) goes with it.
 * The host talks to each server over pipes and kills the whole bwrap process tree if the server
   itself stops answering.
 
 Protects against: infinite loops and sleeps (wall clock + RLIMIT_CPU), fork bombs (RLIMIT_NPROC on
-a non-root uid), memory bombs (RLIMIT_AS), huge output (byte caps, the program is killed), disk
-fill (tmpfs size and inode limits, RLIMIT_FSIZE), writes outside /tmp (read-only binds), reading
-host files outside the bound system directories (/root, /home, /work, ... are not mounted) and the
-host environment (cleared), network access (no interfaces but a private loopback), signalling or
-ptracing host processes and other requests (separate pid namespaces, different uid), daemonised
-survivors (pid namespace teardown), leftovers between requests (fresh tmpfs per request).
+a non-root uid), memory bombs (RLIMIT_AS per process; SysV shared memory capped per run; memfd
+refused; no new mounts), huge output (byte caps, the program is killed), disk fill (tmpfs size and
+inode limits, RLIMIT_FSIZE), writes outside /tmp (read-only binds), reading host files outside the
+bound system directories (/root, /home, /work, ... are not mounted) and the host environment
+(cleared), host and cross-run kernel keys (a fresh session keyring per server and per run, and no
+keyring calls at all for the program), network access (no interfaces but a private loopback;
+socket families outside the network namespace refused, io_uring refused), signalling or ptracing
+host processes and other requests (separate pid namespaces, different uid), daemonised survivors
+(pid namespace teardown), leftovers between requests (fresh tmpfs and IPC namespace per request).
 
-Does NOT protect against: kernel exploits (there is no seccomp filter; namespaces share the host
-kernel), reading the world-readable system files that are bound in (/usr, the Python install),
-CPU-time side channels, or aggregate memory above memory_mb x nproc when a program forks many
-memory-hungry children (no cgroup memory limit). Processes of concurrent requests in different
-server slots compete for the same CPUs. When the host user is not root, untrusted code runs under
-that user's host uid (inside its own user namespace), so RLIMIT_NPROC counts all of that user's
-processes. It is a research-grade sandbox, not a security boundary for adversaries who target the
-kernel.
+Memory: bounded are each process's address space (RLIMIT_AS: heap, stacks, every mapping,
+attached shared memory included), files (tmpfs /tmp size, RLIMIT_FSIZE), and SysV shared memory
+of the whole run (memory_mb in all, even when no process maps it). NOT bounded: the sum over a
+run's processes (up to memory_mb x nproc, plus the shared-memory cap, when a program forks many
+memory-hungry children: there is no cgroup memory limit; cgroup v2 is not assumed), and kernel
+memory a program causes (pipe and socket buffers, page tables, POSIX message queues within
+RLIMIT_MSGQUEUE).
 
-Programs see the standard library only (no site-packages), a run's own request (source, stdin,
-limits) and the server's source; expected outputs are never sent in (see r1jax.verify.code).
+Does NOT protect against: kernel exploits (the filter narrows, but does not close, the kernel
+surface; namespaces share the host kernel), reading the world-readable system files that are
+bound in (/usr, the Python install), the paths of those directories (e.g. where Python is
+installed, visible in /proc/self/mountinfo), CPU-time side channels, or aggregate memory (above).
+Processes of concurrent requests in different server slots compete for the same CPUs. When the
+host user is not root, untrusted code runs under that user's host uid (inside its own user
+namespace), so RLIMIT_NPROC counts all of that user's processes. It is a research-grade sandbox,
+not a security boundary for adversaries who target the kernel.
+
+Programs see the standard library only (site-packages and dist-packages directories are hidden,
+not only left off sys.path), a run's own request (source, stdin, limits) and the server's source;
+expected outputs are never sent in (see r1jax.verify.code). /dev/shm is not writable for them, so
+POSIX semaphores (multiprocessing's locks and queues) are unavailable; threads, fork and
+subprocess work.
 
 Where bubblewrap or namespaces are unavailable, `run_python` raises SandboxUnavailableError unless
 the caller passes `allow_unsafe=True` (or sets R1JAX_ALLOW_UNSAFE_EXEC=1), which runs the code in a
@@ -50,6 +79,8 @@ plain subprocess with rlimits and a process-group kill only: no isolation at all
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import json
 import os
 import queue
@@ -63,7 +94,6 @@ import threading
 import time
 
 _SERVER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_sandbox_server.py')
-_SERVER_IN_SANDBOX = '/opt/r1jax/sandbox_server.py'
 _BASE_UID = 200_000  # see sandbox_uid
 _SLOTS_PER_PROCESS = 64
 
@@ -138,8 +168,24 @@ def _bind_args() -> list[str]:
     for i in range(1, len(parts)):  # parents bwrap would otherwise create with mode 0700
       args += ['--perms', '0755', '--dir', '/' + '/'.join(parts[:i])]
     args += ['--ro-bind', prefix, prefix]
-  args += ['--ro-bind', _SERVER_PATH, _SERVER_IN_SANDBOX]
+  for packages in _site_packages_dirs():
+    args += ['--tmpfs', packages, '--remount-ro', packages]
   return args
+
+
+def _site_packages_dirs() -> list[str]:
+  """Third-party package directories inside the bound directories, hidden by empty mounts.
+
+  `python -I -S` keeps them off sys.path, but a program could put them back; hiding them keeps
+  the promise that programs see the standard library only.
+  """
+  prefixes = {os.path.realpath(sys.base_prefix), '/usr', '/usr/local'}
+  found = set()
+  for prefix in prefixes:
+    for pattern in ('lib*/python3*/site-packages', 'lib*/python3*/dist-packages',
+                    'lib/python3/dist-packages'):
+      found.update(os.path.realpath(p) for p in glob.glob(os.path.join(prefix, pattern)))
+  return sorted(p for p in found if os.path.isdir(p))
 
 
 def bwrap_command(python: str | None = None) -> list[str]:
@@ -163,8 +209,15 @@ def bwrap_command(python: str | None = None) -> list[str]:
       '--setenv', 'HOME', '/tmp', '--setenv', 'PYTHONDONTWRITEBYTECODE', '1',
       *_bind_args(), '--tmpfs', '/tmp', '--proc', '/proc', '--dev', '/dev',
       '--hostname', 'sandbox', '--chdir', '/tmp', *caps,
-      python, '-I', '-S', _SERVER_IN_SANDBOX,
+      python, '-I', '-S', '-c', _server_source(),
   ]
+
+
+@functools.lru_cache(maxsize=1)
+def _server_source() -> str:
+  # Passed as `-c` text rather than bound in as a file, so no mount shows the checkout's path.
+  with open(_SERVER_PATH, encoding='utf-8') as f:
+    return f.read()
 
 
 class _Server:
@@ -341,7 +394,8 @@ def run_python(code: str, *, stdin: str | bytes = '', timeout_s: float = 5.0,
     code: the program source.
     stdin: bytes or text fed to its standard input.
     timeout_s: wall-clock limit; at expiry every process of the run is killed.
-    memory_mb: address-space limit (RLIMIT_AS) of each process.
+    memory_mb: address-space limit (RLIMIT_AS) of each process, and the cap on the run's
+      SysV shared memory in all (see the module docstring for what is not bounded).
     max_output_bytes: cap on each of stdout and stderr; exceeding it kills the run
       (truncated=True).
     allow_unsafe: if isolation is unavailable, run without it instead of raising.

@@ -6,6 +6,7 @@ is checked: no process of a sandbox uid survives, host files are untouched, this
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import socket
@@ -29,6 +30,9 @@ EXPECT_PASS = [{'stdin': '', 'expected_stdout': 'PASS'}]
 SECRET_FN = [{'fn': 'f', 'args': [], 'expected': TOKEN},
              {'fn': 'f', 'args': [1], 'expected': TOKEN_INT}]
 T = 1.5  # seconds per sandboxed run in this file
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# (keyctl, add_key) system call numbers, written out here rather than taken from the server.
+KEYCTL, ADD_KEY = {'x86_64': (250, 248), 'aarch64': (219, 217)}.get(os.uname().machine, (-1, -1))
 
 
 def _sandbox_uid_processes() -> list[int]:
@@ -143,6 +147,44 @@ CASES = [
     ('ptrace_parent',
      'import ctypes, os\nlibc = ctypes.CDLL(None)\n'
      'print("PASS" if libc.ptrace(16, os.getppid(), 0, 0) == 0 else "FAIL")', EXPECT_PASS),
+    ('forged_record_nested_past_the_recursion_limit',
+     'import os, sys\ndef f(*a):\n  g = sys._getframe(1).f_globals\n'
+     '  line = g["_NONCE"] + " 0 ok " + "[" * 200000 + "]" * 200000 + "\\n"\n'
+     '  os.write(g["_emit_fd"], line.encode())\n  os._exit(0)', SECRET_FN),
+    ('forged_record_with_odd_index_digits',
+     'import os, sys\ndef f(*a):\n  g = sys._getframe(1).f_globals\n'
+     '  for i in ("\\u00b2", "9" * 5000, "0" * 3 + "1"):\n'
+     '    os.write(g["_emit_fd"], (g["_NONCE"] + " " + i + " ok 7\\n").encode())\n'
+     '  os._exit(0)', SECRET_FN),
+    # Kernel state that namespaces do not cover, and memory outside RLIMIT_AS (memory_mb=256).
+    ('session_keyring_reachable',  # KEYCTL_GET_KEYRING_ID of KEY_SPEC_SESSION_KEYRING
+     f'import ctypes\nlibc = ctypes.CDLL(None)\n'
+     f'print("PASS" if libc.syscall({KEYCTL}, 0, -3, 0) > 0 else "FAIL")', EXPECT_PASS),
+    ('sysv_shm_beyond_memory_limit',
+     'import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\nheld = 0\n'
+     'for _ in range(8):\n  sid = libc.shmget(0, 48 << 20, 0o1600)\n  if sid < 0: break\n'
+     '  addr = libc.shmat(sid, None, 0)\n  if addr in (None, 2**64 - 1): break\n'
+     '  ctypes.memset(addr, 1, 48 << 20)\n  libc.shmdt(ctypes.c_void_p(addr))\n  held += 48\n'
+     'print("PASS" if held > 300 else "FAIL")', EXPECT_PASS),
+    ('memfd_beyond_memory_limit',
+     'import os\nfds = []\ntry:\n  for _ in range(40):\n    fd = os.memfd_create("m")\n'
+     '    os.ftruncate(fd, 10 << 20)\n    os.write(fd, b"x" * (10 << 20))\n    fds.append(fd)\n'
+     'except OSError:\n  pass\nprint("PASS" if len(fds) * 10 > 300 else "FAIL")', EXPECT_PASS),
+    ('nested_user_namespace_for_a_private_tmpfs',
+     'import ctypes\nlibc = ctypes.CDLL(None)\n'
+     'print("PASS" if libc.unshare(0x10000000 | 0x20000) == 0 else "FAIL")', EXPECT_PASS),
+    ('vsock_socket_created',  # creation only: never connect or send over vsock
+     'import socket\ns = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\nprint("PASS")',
+     EXPECT_PASS),
+    ('io_uring_instance_created',  # io_uring makes sockets without the socket() call
+     'import ctypes\nlibc = ctypes.CDLL(None)\nparams = ctypes.create_string_buffer(120)\n'
+     'print("PASS" if libc.syscall(425, 4, params) >= 0 else "FAIL")', EXPECT_PASS),
+    ('checkout_path_in_mountinfo',
+     f'print("PASS" if {REPO_ROOT!r} in open("/proc/self/mountinfo").read() else "FAIL")',
+     EXPECT_PASS),
+    ('third_party_packages_readable',
+     'import os, sys\nd = os.path.join(sys.base_prefix, "lib", "python%d.%d" % sys.version_info[:2],'
+     ' "site-packages")\nprint("PASS" if os.listdir(d) else "FAIL")', EXPECT_PASS),
 ]
 
 
@@ -241,3 +283,78 @@ def test_tmp_is_private_per_run():
   result = sandbox.run_python('import os\nprint(os.path.exists("/tmp/left_behind"))',
                               timeout_s=5)
   assert result.stdout == 'False\n'
+
+
+def _keyctl(*args) -> int:
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.syscall.restype = ctypes.c_long
+  return libc.syscall(ctypes.c_long(KEYCTL), *[ctypes.c_long(a) if isinstance(a, int) else a
+                                               for a in args])
+
+
+@pytest.mark.skipif(KEYCTL < 0, reason='no keyctl numbers for this architecture')
+def test_host_session_keyring_is_out_of_reach():
+  """A key in the host's session keyring: the sandbox can neither read, revoke nor add to it."""
+  if _keyctl(0, -3, 0) <= 0:  # KEYCTL_GET_KEYRING_ID: give this process a session keyring
+    assert _keyctl(1, None) > 0
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.syscall.restype = ctypes.c_long
+  description = f'r1jax_test_{TOKEN}'.encode()
+  key = libc.syscall(ctypes.c_long(ADD_KEY), b'user', description, TOKEN.encode(),
+                     ctypes.c_long(len(TOKEN)), ctypes.c_long(-3))
+  assert key > 0
+  pool = sandbox.SandboxPool(1)  # a server started after the key exists
+  try:
+    program = (
+        'import ctypes\nlibc = ctypes.CDLL(None)\nlibc.syscall.restype = ctypes.c_long\n'
+        'buf = ctypes.create_string_buffer(64)\n'
+        f'found = libc.syscall({KEYCTL}, 10, -3, b"user", {description!r}, 0)\n'  # SEARCH
+        f'n = libc.syscall({KEYCTL}, 11, {key}, buf, 64)\n'  # READ by the host's serial
+        f'libc.syscall({KEYCTL}, 3, {key})\n'  # REVOKE
+        f'libc.syscall({ADD_KEY}, b"user", b"planted_{TOKEN}", b"x", 1, -3)\n'
+        'print(found, buf.raw[:max(n, 0)].decode(errors="replace"))')
+    result = pool.run(program, '', sandbox.Limits(timeout_s=5))
+    assert result.exit_code == 0, result.stderr
+    assert TOKEN not in result.stdout
+    buf = ctypes.create_string_buffer(64)
+    assert _keyctl(11, key, buf, 64) == len(TOKEN) and buf.raw[:len(TOKEN)] == TOKEN.encode()
+    assert _keyctl(10, -3, b'user', f'planted_{TOKEN}'.encode(), 0) < 0  # nothing was added
+  finally:
+    pool.close()
+    _keyctl(9, key, -3)  # KEYCTL_UNLINK
+
+
+def test_sysv_ipc_objects_do_not_outlive_their_run():
+  """A segment and a queue made by one run are gone for the next run on the same server."""
+  key = secrets.randbelow(2**30) + 1
+  make = ('import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\n'
+          f'sid = libc.shmget({key}, 4096, 0o1666)\naddr = libc.shmat(sid, None, 0)\n'
+          f'ctypes.memmove(addr, {TOKEN!r}.encode(), {len(TOKEN)})\n'
+          f'qid = libc.msgget({key}, 0o1666)\nmsg = ctypes.create_string_buffer(8 + {len(TOKEN)})\n'
+          f'ctypes.memmove(ctypes.addressof(msg), (1).to_bytes(8, "little") + {TOKEN!r}.encode(), '
+          f'8 + {len(TOKEN)})\nprint(sid >= 0, qid >= 0, libc.msgsnd(qid, msg, {len(TOKEN)}, 0))')
+  look = ('import ctypes\nlibc = ctypes.CDLL(None)\n'
+          f'print(libc.shmget({key}, 0, 0) >= 0 or libc.msgget({key}, 0) >= 0)')
+  pool = sandbox.SandboxPool(1)
+  try:
+    made = pool.run(make, '', sandbox.Limits(timeout_s=5))
+    assert made.stdout == 'True True 0\n', made.stderr  # the run itself may use SysV IPC
+    assert pool.run(look, '', sandbox.Limits(timeout_s=5)).stdout == 'False\n'
+  finally:
+    pool.close()
+
+
+def test_filter_keeps_what_honest_programs_use():
+  """Threads (clone3 falls back to clone), fork, subprocess, loopback and unix sockets work."""
+  program = ('import os, socket, subprocess, sys, threading\nout = []\n'
+             't = threading.Thread(target=out.append, args=("thread",))\nt.start(); t.join()\n'
+             'pid = os.fork()\nif pid == 0:\n  os._exit(7)\nout.append(os.waitpid(pid, 0)[1] >> 8)\n'
+             'out.append(subprocess.run([sys.executable, "-c", "print(5)"], capture_output=True)'
+             '.stdout.strip().decode())\n'
+             'a, b = socket.socketpair()\na.sendall(b"u"); out.append(b.recv(1).decode())\n'
+             's = socket.socket(socket.AF_INET)\n'
+             's.bind(("127.0.0.1", 0)); s.listen(1)\n'
+             'c = socket.create_connection(s.getsockname()); c.sendall(b"i")\n'
+             'out.append(s.accept()[0].recv(1).decode())\nprint(out)')
+  result = sandbox.run_python(program, timeout_s=10)
+  assert result.stdout == "['thread', 7, '5', 'u', 'i']\n", result.stderr

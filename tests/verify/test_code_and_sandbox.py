@@ -145,3 +145,53 @@ def test_no_code_scores_zero_without_running():
     raise AssertionError('must not run')
   result = code_lib.score(None, [{'stdin': '', 'expected_stdout': ''}], run=run)
   assert (result.passed, result.total, result.reward) == (0, 1, 0.0)
+
+
+@needs_bwrap
+@pytest.mark.parametrize('src,args,expected', [
+    ('def f():\n  print("y" * 9000)\n  return 1', [], 1),  # a print line longer than the buffer
+    ('def f():\n  print("partial", end="", flush=True)\n  return 2', [], 2),  # no newline
+    ('def f():\n  import sys\n  sys.stdout.write("no newline at exit")\n  return 3', [], 3),
+    ('def f():\n  return 2 ** 20000', [], 2**20000),  # past the int <-> str digit limit
+    ('def f(x):\n  return x % 1000003', [10**5000], 10**5000 % 1000003),  # a huge argument
+    ('def f(x):\n  return [x, -x]', [3**12000], [3**12000, -3**12000]),
+], ids=['long_line', 'no_newline_flushed', 'no_newline_at_exit', 'huge_expected', 'huge_arg',
+        'huge_both'])
+def test_honest_fn_solutions_get_full_credit(src, args, expected):
+  tests = [{'fn': 'f', 'args': args, 'expected': expected}] * 2
+  result = code_lib.score(src, tests, timeout_s=10)
+  assert result.reward == 1.0, result.details
+
+
+def _forging_run(payloads):
+  """A fake executor whose output is records forged with the harness's nonce."""
+  def run(code, stdin, timeout_s, memory_mb):
+    nonce = code.split("_NONCE = '", 1)[1].split("'", 1)[0]
+    return _FakeResult(''.join(f'{nonce} {p}\n' for p in payloads))
+  return run
+
+
+@pytest.mark.parametrize('payload', [
+    '0 ok ' + '[' * 100_000 + ']' * 100_000,  # past the recursion limit of json and compare
+    '0 ok ' + '{"a": ' * 5000 + '1' + '}' * 5000,
+    '0 ok ' + '9' * 100_000,  # far longer than the expected integer
+    '0 ok -' + '9' * 5000,
+    '\u00b2 ok 5', '9' * 5000 + ' ok 5', '0 ok NaN', '0 ok "\ud800"', '0 ok \x00', '0 weird 5',
+    '0 ok [1, 2', '0 error ' + 'x' * 10_000,
+])
+def test_forged_records_never_raise(payload):
+  tests = [{'fn': 'f', 'args': [], 'expected': [5]}]
+  result = code_lib.score('def f(): pass', tests, run=_forging_run([payload]))
+  assert result.reward == 0.0 and not result.details[0]['passed']
+
+
+def test_a_sandbox_failure_is_a_zero_not_an_exception():
+  def run(code, stdin, timeout_s, memory_mb):
+    raise RuntimeError('sandbox server failed: EOFError()')
+  tests = [{'fn': 'f', 'args': [], 'expected': 1}, {'stdin': '', 'expected_stdout': '1'}]
+  result = code_lib.score('def f(): return 1', tests, run=run)
+  assert [d['reason'] for d in result.details] == ['sandbox_error', 'sandbox_error']
+  def unavailable(code, stdin, timeout_s, memory_mb):
+    raise sandbox.SandboxUnavailableError('no bwrap')
+  with pytest.raises(sandbox.SandboxUnavailableError):
+    code_lib.score('def f(): return 1', tests, run=unavailable)

@@ -13,7 +13,7 @@ TABLE = [
     # integers, signs, spacing
     ('2', '2', True), ('2', '3', False), ('-2', '-2', True), ('-2', '2', False), ('0', '0', True),
     ('0', '-0', True), ('+5', '5', True), ('10', ' 10 ', True), ('10', '010', True),
-    ('7', '7.', True), ('100', '1e2', False), ('12', 'twelve', False),
+    ('7', '7.', True), ('12', 'twelve', False),
     # decimals
     ('0.5', '0.5', True), ('0.5', '.5', True), ('0.5', '0.50', True), ('2.5', '2.50', True),
     ('18', '18.0', True), ('18', '18.00', True), ('3.14', '3.14', True), ('3.14', '3.141', False),
@@ -34,7 +34,7 @@ TABLE = [
     ('50', '50\\%', True), ('50\\%', '50', True), ('50\\%', '50\\%', True), ('0.5', '50\\%', False),
     ('5', '5 \\text{ cm}', True), ('5', '5\\text{cm}', True), ('12', '12 \\mbox{ inches}', True),
     ('5', '6 \\text{ cm}', False), ('30', '30^\\circ', True), ('30', '30^{\\circ}', True),
-    ('30^\\circ', '30', True), ('45', '45°', True), ('\\$5', '5', False),
+    ('30^\\circ', '30', True), ('45', '45°', True), ('\\$5', '5', True), ('\\$5', '6', False),
     # LaTeX wrappers
     ('3', '$3$', True), ('3', '\\(3\\)', True), ('3', '\\[3\\]', True), ('3', '\\displaystyle 3', True),
     ('3', '\\text{3}', True), ('3', '\\textbf{3}', True), ('\\text{Monday}', 'Monday', True),
@@ -85,6 +85,30 @@ TABLE = [
     # DoS expressions
     ('2', '9^{9^{9}}', False), ('2', '10^{10^{10}}', False), ('2', '(10^{100})!', False),
     ('2', '2^{2^{2^{2^{2^{2}}}}}', False), ('2', '9^{9^{9^{9}}}', False),
+    # matrices and cases: a row break '\\\\' followed by a space is still a row break
+    ('\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}', '\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}', False),
+    ('\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}', '\\begin{pmatrix}1\\\\2\\end{pmatrix}', True),
+    ('\\begin{pmatrix}1\\\\2\\end{pmatrix}', '\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}', True),
+    ('\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}', '\\begin{bmatrix} 3 & 4 \\\\ 1 & 2 \\end{bmatrix}', False),
+    ('\\begin{cases} 1 \\\\ 2 \\end{cases}', '\\begin{cases} 2 \\\\ 1 \\end{cases}', False),
+    ('\\leftarrow', 'arrow', False), ('\\rightarrow', 'arrow', False),  # control words stay whole
+    # multiple-choice hedges
+    ('B', '(B) or (C)', False), ('B', '(B) (C) (D)', False), ('B', '(B) and (C)', False),
+    ('B', '(B) C', False), ('B', '(B) \\frac{1}{2}', True), ('(B)', 'B or C', False),
+    # mixed numbers
+    ('\\frac{7}{2}', '3\\frac{1}{2}', True), ('3.5', '3\\frac12', True), ('7/2', '3 \\frac{1}{2}', True),
+    ('3/2', '3\\frac{1}{2}', False), ('-\\frac{7}{2}', '-3\\frac{1}{2}', True), ('2\\frac{1}{3}', '\\frac{7}{3}', True),
+    ('x^2\\frac{1}{2}', '\\frac{x^2}{2}', True),  # an exponent before \\frac is no whole number
+    # scientific notation
+    ('100', '1e2', True), ('1000', '1e3', True), ('1000', '1E3', True), ('0.005', '5e-3', True),
+    ('1000', '1e4', False), ('1000', '10e2', True),
+    # bare lists of solutions compare in any order; tuples keep their order
+    ('1, 2, 3', '3, 2, 1', True), ('1, 2, 3', '\\{3, 1, 2\\}', True), ('1, 2, 3', '1, 2', False),
+    ('1, 2, 3', '1, 2, 2', False), ('1, 1, 2', '1, 2, 2', False), ('-1, \\frac12', '0.5, -1', True),
+    ('1, 2', 'x = 2, x = 1', True), ('(1, 2)', '(2, 1)', False),
+    # words are text, not products of symbols
+    ('yes', 'sey', False), ('yes', 'Yes', True), ('\\text{yes}', 'yes', True), ('no', 'on', False),
+    ('even', 'neve', False), ('\\text{no solution}', 'No solution', True), ('yes', 'y', False),
 ]
 
 
@@ -138,6 +162,11 @@ EXTRACTION = [
     ('', None),
     ('\\boxed{}', None),
     ('\\boxed{unbalanced', None),
+    ('\\boxed{\\boxed{5}}', '5'), ('\\boxed{ \\boxed{ \\boxed{5} } }', '5'),
+    ('\\boxed{\\boxed{5}} and \\boxed{5}', '5'), ('\\boxed{\\boxed{5} + 1}', '\\boxed{5} + 1'),
+    ('**Answer:** 5', '5'), ('**Answer**: 5', '5'), ('Final Answer: 7', '7'),
+    ('Some work.\n### Final Answer: $12$.', '12'), ('the answer is 3\nAnswer: 4', '4'),
+    ('<answer>a</answer> <answer>b', 'a'), ('<answer>\\boxed{1}</answer><answer>\\boxed{2}</answer>', '2'),
 ]
 
 
@@ -159,3 +188,51 @@ def test_end_to_end_hedged_completions_score_zero():
   for completion in ['\\boxed{2}\\boxed{3}', '<answer>2 or 3</answer>', 'the answer is 2, 3',
                      '<answer>\\boxed{3} \\boxed{2}</answer>']:
     assert not m.is_equivalent('2', m.extract_answer(completion)), completion
+
+
+def test_the_length_limit_counts_the_answer_not_its_padding():
+  assert m.is_equivalent('5', '5' + ' ' * 3000)
+  assert m.is_equivalent('5', '\n' * 3000 + '5')
+  assert not m.is_equivalent('5', '5' + '+0' * 1500)
+
+
+ADVERSARIAL_TEXTS = {
+    'open_boxes': lambda n: '\\boxed{' * (n // 7),
+    'nested_boxes': lambda n: '\\boxed{' * (n // 8) + '}' * (n // 8),
+    'many_boxes': lambda n: '\\boxed{1}' * (n // 9),
+    'bare_boxes': lambda n: '\\boxed 5 ' * (n // 9),
+    'newlines': lambda n: '\n' * n,
+    'open_answer_tags': lambda n: '<answer>' * (n // 8),
+    'answer_is': lambda n: 'the answer is ' * (n // 14),
+    'trailing_dots': lambda n: 'the answer is 5' + '.' * n,
+    'trailing_bold': lambda n: 'the answer is 5' + '**' * (n // 2),
+    'dollars': lambda n: 'the answer is ' + '$' * n + 'x',
+    'hash_line': lambda n: '#### 5' + ' ' * n + 'x',
+    'labels': lambda n: '**Answer:** ' * (n // 12),
+    'braces': lambda n: '{' * n,
+}
+
+
+@pytest.mark.parametrize('kind', sorted(ADVERSARIAL_TEXTS))
+def test_extraction_is_linear_time(kind):
+  """Four times the text takes about four times as long (a quadratic step: sixteen)."""
+  make = ADVERSARIAL_TEXTS[kind]
+  def cost(n):
+    text = make(n)
+    start = time.perf_counter()
+    m.extract_answer(text)
+    return time.perf_counter() - start
+  small = min(cost(40_000) for _ in range(3))
+  large = min(cost(160_000) for _ in range(3))
+  assert large < 2.0, f'{kind}: {large:.2f}s for 160k characters'
+  assert large < 10 * small + 0.05, f'{kind}: {small:.4f}s -> {large:.4f}s for 4x the text'
+
+
+def test_bare_list_comparison_keeps_the_deadline():
+  m.clear_cache()
+  slow = '+'.join(f'\\sin(x^{k})^{k}' for k in range(1, 30))
+  gold = ', '.join([slow] * 8)
+  answer = ', '.join(['\\cos(x)'] * 8)
+  start = time.monotonic()
+  assert m.is_equivalent(gold, answer, timeout_s=0.5) is False
+  assert time.monotonic() - start < 0.5 + 2.5
