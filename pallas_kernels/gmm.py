@@ -97,7 +97,7 @@ def _tgmm_impl(lhs, grad, group_sizes, out_dtype, tiling, backend, interpret):
   # tgmm reduces over rows: tm is its reduction step, (tk, tn) its output block.
   t = fit_tiling(tiling or DEFAULT_TILING[backend], m, k, n, backend, lhs.dtype)
   m_pad, k_pad, n_pad = _round_up(m, t.tm), _round_up(k, t.tk), _round_up(n, t.tn)
-  meta = make_group_metadata(group_sizes, m_pad, t.tm, with_tail=False,
+  meta = make_group_metadata(group_sizes, m_pad, t.tm, with_tail=True,
                              visit_empty_groups=True)
   kernel = tgmm_tpu if backend == "tpu" else tgmm_gpu
   out = kernel(_pad_to(lhs, (m_pad, k_pad)), _pad_to(grad, (m_pad, n_pad)), meta,
@@ -138,13 +138,14 @@ def _dtype_or_none(dtype):
 
 
 def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling: Tiling | None = None,
-        backend: str = "tpu", interpret: bool = False, transpose_rhs: bool = False):
+        backend: str = "tpu", interpret=False, transpose_rhs: bool = False):
   """Grouped matmul, differentiable in lhs and rhs.
 
   lhs [m, k] rows sorted by group; rhs [E, k, n] ([E, n, k] with transpose_rhs);
   group_sizes [E] int. backend: 'tpu' (Mosaic) or 'gpu' (Triton), see backend_for;
   interpret=True runs either kernel through the Pallas interpreter (the only way on
-  CPU). tiling=None takes DEFAULT_TILING[backend], shrunk for small shapes.
+  CPU); for the TPU kernel a pltpu.InterpretParams selects the stricter TPU
+  interpreter (poisoned uninitialised VMEM, race checks). tiling=None takes DEFAULT_TILING[backend], shrunk for small shapes.
   """
   _check(lhs, rhs, group_sizes, backend, "rhs")
   if rhs.ndim != 3 or rhs.shape[2 if transpose_rhs else 1] != lhs.shape[1]:
@@ -154,15 +155,15 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling: Tiling | 
     raise ValueError(f"rhs has {rhs.shape[0]} groups, group_sizes {group_sizes.shape[0]}")
   out_dtype = _dtype_or_none(preferred_element_type) or np.dtype(lhs.dtype)
   return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, tiling, backend,
-              bool(interpret), bool(transpose_rhs))
+              interpret, bool(transpose_rhs))
 
 
 def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None,
-         tiling: Tiling | None = None, backend: str = "tpu", interpret: bool = False):
+         tiling: Tiling | None = None, backend: str = "tpu", interpret=False):
   """Per-group lhs^T @ grad: the weight gradient of gmm, [E, k, n]. Not differentiable."""
   _check(lhs, grad, group_sizes, backend, "grad")
   if grad.ndim != 2 or grad.shape[0] != lhs.shape[0]:
     raise ValueError(f"grad must be [m, n] with m={lhs.shape[0]}, got {grad.shape}")
   out_dtype = _dtype_or_none(preferred_element_type) or np.dtype(lhs.dtype)
   return _tgmm_impl(lhs, grad, group_sizes.astype(jnp.int32), out_dtype, tiling, backend,
-                    bool(interpret))
+                    interpret)
