@@ -97,7 +97,7 @@ def _tgmm_impl(lhs, grad, group_sizes, out_dtype, tiling, backend, interpret):
   # tgmm reduces over rows: tm is its reduction step, (tk, tn) its output block.
   t = fit_tiling(tiling or DEFAULT_TILING[backend], m, k, n, backend, lhs.dtype)
   m_pad, k_pad, n_pad = _round_up(m, t.tm), _round_up(k, t.tk), _round_up(n, t.tn)
-  meta = make_group_metadata(group_sizes, m_pad, t.tm, with_tail=True,
+  meta = make_group_metadata(group_sizes, m_pad, t.tm, with_tail=False,
                              visit_empty_groups=True)
   kernel = tgmm_tpu if backend == "tpu" else tgmm_gpu
   out = kernel(_pad_to(lhs, (m_pad, k_pad)), _pad_to(grad, (m_pad, n_pad)), meta,
