@@ -22,6 +22,7 @@ from pallas_kernels.backends import BACKENDS, DEFAULT_TILING, Tiling, fit_tiling
 from pallas_kernels.gmm_gpu import gmm_gpu, tgmm_gpu
 from pallas_kernels.gmm_tpu import gmm_tpu, tgmm_tpu
 from pallas_kernels.group_metadata import make_group_metadata
+from pallas_kernels.jax_compat import match_varying
 
 
 def _group_of_rows(group_sizes, m):
@@ -154,8 +155,9 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling: Tiling | 
   if rhs.shape[0] != group_sizes.shape[0]:
     raise ValueError(f"rhs has {rhs.shape[0]} groups, group_sizes {group_sizes.shape[0]}")
   out_dtype = _dtype_or_none(preferred_element_type) or np.dtype(lhs.dtype)
-  return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, tiling, backend,
-              interpret, bool(transpose_rhs))
+  lhs, rhs, group_sizes = match_varying(lhs, rhs, group_sizes.astype(jnp.int32))
+  return _gmm(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret,
+              bool(transpose_rhs))
 
 
 def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None,

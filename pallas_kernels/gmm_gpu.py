@@ -20,6 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.backends import Tiling
 from pallas_kernels.group_metadata import GroupMetadata
+from pallas_kernels.jax_compat import out_struct
 
 
 def _scalar(ref, i):
@@ -76,7 +77,7 @@ def gmm_gpu(lhs, rhs, meta: GroupMetadata, *, num_experts: int, tiling: Tiling,
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=out_struct((m, n), out_dtype, lhs, rhs, *meta),
       grid=(num_items, n // tn),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
@@ -122,7 +123,7 @@ def tgmm_gpu(lhs, grad, meta: GroupMetadata, *, num_experts: int, tiling: Tiling
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_experts, k, n), out_dtype),
+      out_shape=out_struct((num_experts, k, n), out_dtype, lhs, grad, *meta),
       grid=(k // tk, n // tn),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,

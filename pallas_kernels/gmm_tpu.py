@@ -22,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.backends import Tiling
 from pallas_kernels.group_metadata import GroupMetadata
+from pallas_kernels.jax_compat import out_struct
 
 
 def _row_mask(offsets_ref, group, tile, tm, shape):
@@ -86,7 +87,7 @@ def gmm_tpu(lhs, rhs, meta: GroupMetadata, *, num_experts: int, tiling: Tiling,
       bytes_accessed=itemsize * (m * k * (n // tn) + rhs.size) + m * n * jnp.dtype(out_dtype).itemsize)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=out_struct((m, n), out_dtype, lhs, rhs, *meta),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=grid,
@@ -159,7 +160,7 @@ def tgmm_tpu(lhs, grad, meta: GroupMetadata, *, num_experts: int, tiling: Tiling
       + num_experts * k * n * jnp.dtype(out_dtype).itemsize)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_experts, k, n), out_dtype),
+      out_shape=out_struct((num_experts, k, n), out_dtype, lhs, grad, *meta),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=grid,

@@ -158,6 +158,38 @@ def test_tpu_kernels_under_the_tpu_interpreter():
          reference_tgmm(lhs, grad, sizes), jnp.float32, "tgmm")
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_inside_shard_map(backend):
+  """Two shards, each with its own rows and group sizes, as expert dispatch calls it.
+
+  check_vma=False: the Pallas interpreter (CPU) cannot yet trace under check_vma; the
+  TPU compile test covers check_vma=True on real TPU lowering.
+  """
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  m, k, n, e = 24, 128, 128, 4
+  keys = jax.random.split(jax.random.PRNGKey(2), 2)
+  x, w = jax.random.normal(keys[0], (2 * m, k)), jax.random.normal(keys[1], (e, k, n))
+  sizes = jnp.array([[5, 0, 12, 3], [1, 2, 3, 18]], jnp.int32)
+  mm = functools.partial(gmm, backend=backend, interpret=True, tiling=TILING[backend])
+
+  def local(x, w, gs):
+    loss, (dx, dw) = jax.value_and_grad(lambda x, w: jnp.sum(mm(x, w, gs[0]) ** 2),
+                                        (0, 1))(x, w)
+    return jax.lax.psum(loss, "data"), dx, jax.lax.psum(dw, "data")
+  run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data")),
+                              out_specs=(P(), P("data"), P()), check_vma=False))
+
+  def reference(x, w):
+    return sum(jnp.sum(reference_gmm(x[i * m:(i + 1) * m], w, sizes[i]) ** 2)
+               for i in range(2))
+  want_loss, (want_dx, want_dw) = jax.value_and_grad(reference, (0, 1))(x, w)
+  loss, dx, dw = run(x, w, sizes)
+  _close(loss, want_loss, jnp.float32, "loss")
+  _close(dx, want_dx, jnp.float32, "d x")
+  _close(dw, want_dw, jnp.float32, "d w")
+
+
 def test_group_metadata_by_hand():
   """Groups [5, 0, 20, 1, 0, 3] over 32 rows in tiles of 16 (sum 29, tail 29..31)."""
   sizes = jnp.array([5, 0, 20, 1, 0, 3], jnp.int32)
