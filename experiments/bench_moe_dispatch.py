@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import DEFAULT_TILING, gmm, reference_gmm
+from pallas_kernels import default_tiling, gmm, reference_gmm
 from pallas_kernels.backends import fit_tiling
 
 
@@ -113,6 +113,11 @@ def _time(fn, *args, repeats):
   return float(np.median(times))
 
 
+def _tiling(backend, m, k, n, dtype):
+  """The tiles gmm picks for an [m, k] x [k, n] product (tiling=None)."""
+  return dataclasses.asdict(fit_tiling(default_tiling(backend, dtype), m, k, n, backend, dtype))
+
+
 def _max_rel_err(x, ref):
   x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
   return float(np.max(np.abs(x - ref)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
@@ -151,8 +156,7 @@ def bench_set(name, s: Shapes, dtype, kernels, interpret, repeats, with_oracle):
                  "useful_tflops_per_s": flops[pass_name] / sec / 1e12})
     print(f"{name:12s} {'dense_matmul':14s} {pass_name:17s} {sec * 1e3:10.2f} ms "
           f"{flops[pass_name] / sec / 1e12:8.3f} TFLOP/s", flush=True)
-  tilings = {b: dataclasses.asdict(fit_tiling(DEFAULT_TILING[b], s.m, s.D, s.F, b, dtype))
-             for b in kernels}
+  tilings = {b: _tiling(b, s.m, s.D, s.F, dtype) for b in kernels}
   return {"shapes": dataclasses.asdict(s) | {"m": s.m}, "dtype": jnp.dtype(dtype).name,
           "group_sizes": np.asarray(group_sizes).tolist(), "useful_flops": flops,
           "tiling_gate_up": tilings, "runs": rows}
@@ -171,11 +175,8 @@ def compile_for_topology(topology, sets, dtype):
             struct((s.E, s.F, s.D))]
     sizes, cot = struct((s.E,), jnp.int32), struct((s.m, s.D))
     entry = {"shapes": dataclasses.asdict(s) | {"m": s.m}, "dtype": jnp.dtype(dtype).name,
-             "tiling": {
-                 "gate_up": dataclasses.asdict(fit_tiling(DEFAULT_TILING["tpu"], s.m, s.D,
-                                                          s.F, "tpu", dtype)),
-                 "down": dataclasses.asdict(fit_tiling(DEFAULT_TILING["tpu"], s.m, s.F,
-                                                       s.D, "tpu", dtype))},
+             "tiling": {"gate_up": _tiling("tpu", s.m, s.D, s.F, dtype),
+                        "down": _tiling("tpu", s.m, s.F, s.D, dtype)},
              "compiled": {}}
     for impl, mm in (("pallas_tpu", functools.partial(gmm, backend="tpu")),
                      ("ragged", jax.lax.ragged_dot)):

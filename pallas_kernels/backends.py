@@ -24,11 +24,25 @@ class Tiling:
   tn: int
 
 
-# TPU: a 512 x 512 x 512 step keeps lhs, rhs and out double-buffered plus the f32
-# accumulator near 7 MiB in f32 (4 MiB in bf16), under the 16 MiB default scoped VMEM
-# of v5e; MXU tiles are 128 (v5e) or 256 (v6e) wide, so all three stay multiples of 256.
-# GPU: 128 x 64 x 128 is the usual Triton sweet spot for bf16 tensor cores.
-DEFAULT_TILING = {"tpu": Tiling(512, 512, 512), "gpu": Tiling(128, 64, 128)}
+# Per backend, for 16-bit and for 32-bit inputs.
+# TPU: lhs, rhs and out blocks are double-buffered in VMEM beside the f32 accumulator.
+# 512 x 1024 x 1024 comes to ~10 MiB in bf16 and 512^3 to ~7 MiB in f32, both under
+# the 16 MiB default scoped VMEM of v5e and v5p; f32 with 1024 runs out of VMEM there
+# (checked by compiling for v5e, v5p and v6e). Multiples of 256 suit every MXU width.
+# GPU: 128 x 64 x 128 is the usual Triton tile for bf16 tensor cores; f32 (tf32) tiles
+# are halved to keep three pipeline stages within shared memory.
+DEFAULT_TILING = {
+    "tpu": {2: Tiling(512, 1024, 1024), 4: Tiling(512, 512, 512)},
+    "gpu": {2: Tiling(128, 64, 128), 4: Tiling(64, 64, 64)},
+}
+
+
+def default_tiling(backend: str, dtype) -> Tiling:
+  """DEFAULT_TILING for the backend and the input dtype's width (16 or 32 bits)."""
+  if backend not in DEFAULT_TILING:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  return DEFAULT_TILING[backend][2 if np.dtype(dtype).itemsize <= 2 else 4]
+
 
 # Smallest legal block edges: TPU sublanes x lanes (16 rows for packed 16-bit types),
 # Triton's minimum dot size.

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backends import BACKENDS, DEFAULT_TILING, Tiling, fit_tiling
+from pallas_kernels.backends import BACKENDS, Tiling, default_tiling, fit_tiling
 from pallas_kernels.gmm_gpu import gmm_gpu, tgmm_gpu
 from pallas_kernels.gmm_tpu import gmm_tpu, tgmm_tpu
 from pallas_kernels.group_metadata import make_group_metadata
@@ -78,7 +78,8 @@ def _gmm_fwd_impl(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret,
   m, k = lhs.shape
   num_experts = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  t = fit_tiling(tiling or DEFAULT_TILING[backend], m, k, n, backend, lhs.dtype)
+  t = fit_tiling(tiling or default_tiling(backend, lhs.dtype), m, k, n, backend,
+                 lhs.dtype)
   m_pad, k_pad, n_pad = _round_up(m, t.tm), _round_up(k, t.tk), _round_up(n, t.tn)
   lhs_p = _pad_to(lhs, (m_pad, k_pad))
   rhs_p = _pad_to(rhs, (num_experts, n_pad, k_pad) if transpose_rhs
@@ -96,7 +97,8 @@ def _tgmm_impl(lhs, grad, group_sizes, out_dtype, tiling, backend, interpret):
   n = grad.shape[1]
   num_experts = group_sizes.shape[0]
   # tgmm reduces over rows: tm is its reduction step, (tk, tn) its output block.
-  t = fit_tiling(tiling or DEFAULT_TILING[backend], m, k, n, backend, lhs.dtype)
+  t = fit_tiling(tiling or default_tiling(backend, lhs.dtype), m, k, n, backend,
+                 lhs.dtype)
   m_pad, k_pad, n_pad = _round_up(m, t.tm), _round_up(k, t.tk), _round_up(n, t.tn)
   meta = make_group_metadata(group_sizes, m_pad, t.tm, with_tail=False,
                              visit_empty_groups=True)
@@ -146,7 +148,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling: Tiling | 
   group_sizes [E] int. backend: 'tpu' (Mosaic) or 'gpu' (Triton), see backend_for;
   interpret=True runs either kernel through the Pallas interpreter (the only way on
   CPU); for the TPU kernel a pltpu.InterpretParams selects the stricter TPU
-  interpreter (poisoned uninitialised VMEM, race checks). tiling=None takes DEFAULT_TILING[backend], shrunk for small shapes.
+  interpreter (poisoned uninitialised VMEM, race checks). tiling=None takes
+  default_tiling(backend, lhs.dtype), shrunk for small shapes.
   """
   _check(lhs, rhs, group_sizes, backend, "rhs")
   if rhs.ndim != 3 or rhs.shape[2 if transpose_rhs else 1] != lhs.shape[1]:

@@ -111,6 +111,29 @@ def test_tpu_kernels_compile(topology, record_property):
   print(topology, json.dumps(stats))
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_default_tiles_fit_vmem_at_deepseek_v3_width(topology, record_property):
+  """tiling=None at D=7168, F=2048: the default tiles must fit the chip's scoped VMEM.
+
+  Too large a tile is a compile-time VMEM OOM, so compiling is the check (few experts
+  and rows: the tiles, not the array sizes, decide VMEM).
+  """
+  s = functools.partial(_struct, _mesh(topology, one_device=True))
+  m, d, f, e = 2048, 7168, 2048, 4
+  stats = {}
+  for dtype in (BF16, jnp.float32):
+    name = jnp.dtype(dtype).name
+    sizes = s((e,), jnp.int32)
+    stats[f"gmm/{name}"] = _compile(functools.partial(gmm, backend="tpu"),
+                                    s((m, d), dtype), s((e, d, f), dtype), sizes)
+    stats[f"gmm_transposed/{name}"] = _compile(
+        functools.partial(gmm, backend="tpu", transpose_rhs=True),
+        s((m, f), dtype), s((e, d, f), dtype), sizes)
+    stats[f"tgmm/{name}"] = _compile(functools.partial(tgmm, backend="tpu"),
+                                     s((m, d), dtype), s((m, f), dtype), sizes)
+  record_property("memory_analysis", json.dumps(stats))
+
+
 def test_mosaic_rejection_fails_the_compile():
   """A block Mosaic cannot tile (64 lanes) must raise, so the test above can fail."""
   s = functools.partial(_struct, _mesh(TOPOLOGIES[0], one_device=True))
