@@ -193,7 +193,8 @@ def compile_for_topology(topology, sets, dtype):
             "generated_code_size_in_bytes")}
         row["compile_seconds"] = time.perf_counter() - t
         row["xla_flops"] = float(cost.get("flops", -1)) if cost else None
-        row["has_mosaic_kernel"] = "tpu_custom_call" in compiled.as_text()
+        # XLA lowers ragged_dot on TPU to a custom call too, so this is set for both.
+        row["has_tpu_custom_call"] = "tpu_custom_call" in compiled.as_text()
         entry["compiled"][f"{impl}/{pass_name}"] = row
         print(f"{topology} {name:12s} {impl:11s} {pass_name:17s} compiled in "
               f"{row['compile_seconds']:.1f}s  temp {row['temp_size_in_bytes'] / 2**20:.1f} MiB",
