@@ -8,8 +8,8 @@
 This is what lax.ragged_dot computes (and its rhs gradient), written as Pallas kernels
 for TPU (Mosaic) and GPU (Triton). `gmm` is a custom_vjp: d lhs is gmm against the
 transposed weights (read transposed in the kernel, never copied) and d rhs is tgmm.
-Inputs of 16-bit types accumulate in float32; the output has `preferred_element_type`
-(default: lhs.dtype, as in ragged_dot). Shapes that are not whole tiles are padded
+Every tile product accumulates in float32 (bf16 inputs included); the output has
+`preferred_element_type` (default: lhs.dtype, as in ragged_dot). Shapes that are not whole tiles are padded
 with zeros and the padding is sliced off, so any m, k, n work.
 """
 import functools
