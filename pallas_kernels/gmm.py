@@ -78,6 +78,8 @@ def _gmm_fwd_impl(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret,
   m, k = lhs.shape
   num_experts = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if m == 0:  # e.g. a shard that received no tokens: no kernel to launch
+    return jnp.zeros((0, n), out_dtype)
   t = fit_tiling(tiling or default_tiling(backend, lhs.dtype), m, k, n, backend,
                  lhs.dtype)
   m_pad, k_pad, n_pad = _round_up(m, t.tm), _round_up(k, t.tk), _round_up(n, t.tn)
@@ -96,6 +98,8 @@ def _tgmm_impl(lhs, grad, group_sizes, out_dtype, tiling, backend, interpret):
   m, k = lhs.shape
   n = grad.shape[1]
   num_experts = group_sizes.shape[0]
+  if m == 0:
+    return jnp.zeros((num_experts, k, n), out_dtype)
   # tgmm reduces over rows: tm is its reduction step, (tk, tn) its output block.
   t = fit_tiling(tiling or default_tiling(backend, lhs.dtype), m, k, n, backend,
                  lhs.dtype)

@@ -258,3 +258,12 @@ def test_rejects_bad_arguments(data):
     gmm(lhs, rhs[:3], sizes, interpret=True)
   with pytest.raises(ValueError, match="power of two"):
     gmm(lhs, rhs, sizes, backend="gpu", tiling=Tiling(16, 48, 32), interpret=True)
+
+
+def test_no_rows():
+  """A shard that received no tokens: empty output, zero weight gradient."""
+  lhs, rhs, sizes = jnp.zeros((0, 8)), jnp.ones((3, 8, 4)), jnp.zeros((3,), jnp.int32)
+  out, vjp = jax.vjp(lambda w: gmm(lhs, w, sizes, interpret=True), rhs)
+  assert out.shape == (0, 4)
+  (drhs,) = vjp(out)
+  assert drhs.shape == rhs.shape and not np.asarray(drhs).any()
