@@ -30,5 +30,14 @@ setuptools.setup(
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
         "hf": ["transformers>=4.51", "torch>=2.4"],
         "parity": ["transformers>=4.51", "torch>=2.4"],
+        # Compiles Pallas Mosaic kernels for TPU topologies (also on a CPU-only host).
+        # jax[tpu] pins the one libtpu its jaxlib was built against; pinned per Python
+        # because 3.11 tops out at jax 0.10.2.
+        "tpu": [
+            'jax[tpu]==0.10.2; python_version < "3.12"',
+            'libtpu==0.0.42.*; python_version < "3.12"',
+            'jax[tpu]==0.12.0.1; python_version >= "3.12"',
+            'libtpu==0.0.50.*; python_version >= "3.12"',
+        ],
     },
 )
