@@ -17,7 +17,7 @@ fi
 install_venv() {  # install_venv PYTHON VENV CONSTRAINTS
   [ -x "$2/bin/python" ] || "$1" -m venv "$2"
   "$2/bin/python" -m pip install -q --upgrade pip
-  "$2/bin/python" -m pip install -q -c "$3" -e '.[test,tfds,parity]'
+  "$2/bin/python" -m pip install -q -c "$3" -e '.[test,tfds,parity,tpu]'
 }
 
 run_suite() {  # run_suite VENV [pytest args]: pytest's exit code; 5 (no test collected) fails
