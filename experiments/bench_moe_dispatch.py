@@ -19,7 +19,8 @@ Dispatch level (the JSON's 'dispatch_runs', not on --tpu-topology): the register
 weights, cfg), on the scaled set: routing (top-K of skewed logits, some assignments
 dropped as another shard's, expert index E), sort, gather, the expert layer and the
 weighted combine; forward and forward+backward (d x, d weights) against 'dense' in
-float32 (the exact oracle, E / K times the work). Writes JSON.
+float32 (the exact oracle, E / K times the work); useful FLOPs count all T*K assignments,
+dropped ones included. Writes JSON.
 """
 from __future__ import annotations
 
