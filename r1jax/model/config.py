@@ -7,11 +7,12 @@ naming the offending field, because a wrong config that runs is the worst bug.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 from pallas_kernels.backends import fit_tiling
 
 from r1jax.model import mla, moe
-from r1jax.model import moe_pallas  # registers moe_impl='pallas' before validation reads the registry
+from r1jax.model import moe_pallas  # registers 'pallas' before validation reads the registry
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORES = ("top2_sum", "max")
@@ -157,13 +158,13 @@ def _check_pallas_tiles(cfg) -> None:
   big = 1 << 16  # larger than any tile: the check sees the tile itself, not a shrunk one
   for backend in backends:
     try:
-      dtype = moe_pallas.jnp.dtype(cfg.dtype)
+      dtype = jnp.dtype(cfg.dtype)  # numpy alone cannot parse "bfloat16"
       fit_tiling(moe_pallas.tiling(cfg, backend, dtype), big, big, big, backend, dtype)
     except ValueError as err:
       name = dict(zip(("tiling.tm", "tiling.tk", "tiling.tn"), fields))
       field = next((f for t, f in name.items() if t in str(err)), "pallas_tile_m")
-      raise ValueError(f"model config field {field!r} is not a legal {backend} tile for "
-                       f"dtype {cfg.dtype} (pallas_backend={cfg.pallas_backend!r}): {err}") from None
+      raise ValueError(f"model config field {field!r} is not a legal {backend} tile for dtype "
+                       f"{cfg.dtype} (pallas_backend={cfg.pallas_backend!r}): {err}") from None
 
 
 def num_moe_layers(cfg) -> int:
