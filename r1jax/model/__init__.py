@@ -2,6 +2,6 @@
 
 config (fields, validation), presets (released shapes and tiny twins), layers (RMSNorm,
 SwiGLU, parameter specs), rope (RoPE, YaRN), mla (Multi-head Latent Attention), moe (router
-and dispatch registry), decoder (parameters, the block, forward, MTP, counts), hf (HF
+and dispatch registry), moe_pallas (the 'pallas' dispatch over pallas_kernels), decoder (parameters, the block, forward, MTP, counts), hf (HF
 checkpoint I/O). Nothing here imports from outside r1jax/model/.
 """
