@@ -82,6 +82,11 @@ def test_tiny_model_pallas_equals_dense_in_logits_and_gradients(model):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=1e-4,
                                err_msg=jax.tree_util.keystr(path))
 
+class FakeDevice:
+  def __init__(self, platform):
+    self.platform = platform
+
+
 def test_auto_resolves_from_the_devices():
   cfg = presets.get("tiny_v3", moe_impl="auto")
   assert moe.resolve_impl(cfg, jax.devices()) == "grouped"
@@ -89,6 +94,8 @@ def test_auto_resolves_from_the_devices():
   assert moe.resolve_impl(presets.get("tiny_v3", moe_impl="ragged"), jax.devices()) == "ragged"
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
   assert moe.resolve_impl(cfg, mesh) == "grouped"
+  with pytest.raises(ValueError, match="one platform"):
+    moe.resolve_impl(cfg, [jax.devices()[0], FakeDevice("tpu")])
   # experiment.build resolves it once, for the config's mesh (or jax.devices()).
   run_cfg = tiny_runs.load_config()
   run_cfg.model.moe_impl = "auto"
@@ -97,8 +104,10 @@ def test_auto_resolves_from_the_devices():
                       "no TPU topology to resolve 'auto' for")
   from jax.experimental import topologies
   tpu = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
-  assert moe.resolve_impl(cfg, tpu) == "pallas"
   assert moe.resolve_impl(cfg, tpu[:1]) == "pallas"
+  assert moe.resolve_impl(cfg, tpu[0]) == "pallas"
+  # Several chips: a jit over the mesh cannot partition the Mosaic kernel, ragged_dot it can.
+  assert moe.resolve_impl(cfg, jax.sharding.Mesh(np.asarray(tpu), ("data",))) == "ragged"
 
 
 def test_config_fields_are_validated_by_name():

@@ -60,7 +60,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.attention_impl = "naive"        # 'naive' or 'absorbed'
   c.moe_impl = "dense"              # a registered dispatch (moe.DISPATCH_IMPLS): 'dense'
                                     # (oracle), 'ragged', 'grouped', 'capacity', 'pallas';
-                                    # or 'auto' (moe.resolve_impl: pallas on TPU/GPU, else grouped)
+                                    # or 'auto' (moe.resolve_impl: pallas on one TPU/GPU)
   c.pallas_backend = "auto"         # moe_impl='pallas' kernel: 'auto' (from the platform compiled
                                     # for), 'tpu' (Mosaic) or 'gpu' (Triton); see moe_pallas
   c.pallas_tile_m = 0               # gmm tiles (rows, contracted, output columns);

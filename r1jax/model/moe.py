@@ -22,8 +22,8 @@ training uses; the rollout engine decodes with 'capacity') and tested against ea
              over experts per round (few tokens: prefill and decode).
   'pallas'   the same sort, grouped matmuls as Pallas kernels (moe_pallas.py, which
              registers itself; config.py and decoder.py import it).
-cfg.moe_impl may also be 'auto': `resolve_impl` picks 'pallas' for TPU and GPU devices and
-'grouped' for CPU ones (where Pallas kernels only run interpreted).
+cfg.moe_impl may also be 'auto': `resolve_impl` picks 'pallas' for one TPU or GPU, 'ragged'
+for several (a jit over a mesh cannot partition Pallas kernels), 'grouped' for CPUs.
 Every dispatch is fn(experts, x_TxD, idx_TxK, weights_TxK, cfg) -> y_TxD over the experts in
 `layers.fuse_swiglu` layout ({'w_gu' [E, D, 2F], 'w_down' [E, F, D]}), E read off the
 weights, and drops every assignment whose expert index is E (one past the last): under
@@ -60,9 +60,19 @@ def dispatch_fn(name: str) -> Callable:
 
 def auto_impl(devices) -> str:
   """The dispatch moe_impl='auto' means for these devices (a list, Mesh or Sharding):
-  'pallas' on TPU and GPU, 'grouped' on CPU, where Pallas kernels only run interpreted."""
+  'pallas' on one TPU or GPU; 'ragged' on several, because XLA cannot partition a Pallas
+  kernel inside a jit over a multi-device mesh (lax.ragged_dot it can; under shard_map each
+  shard is one device); 'grouped' on CPU, where Pallas kernels only run interpreted."""
+  if isinstance(devices, jax.sharding.Mesh):
+    devices = list(devices.devices.flat)
+  elif isinstance(devices, jax.sharding.Sharding):
+    devices = list(devices.device_set)
+  elif hasattr(devices, "platform"):
+    devices = [devices]
   pallas_kernels.backend_for(devices)  # raises for mixed platforms or one without a kernel
-  return "grouped" if pallas_kernels.interpret_for(devices) else "pallas"
+  if pallas_kernels.interpret_for(devices):
+    return "grouped"
+  return "pallas" if len(devices) == 1 else "ragged"
 
 
 def resolve_impl(cfg, devices=None) -> str:

@@ -68,7 +68,7 @@ def build(cfg):
   """(task, tokenizer, model_cfg) from an experiment config; the vocab follows the tokenizer.
 
   The model config is validated here, once per mode, and moe_impl='auto' is resolved for
-  the devices of the config's mesh (all of jax.devices() without one).
+  the devices of the config's mesh (one device without one).
   """
   task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
   tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
@@ -76,7 +76,8 @@ def build(cfg):
   model_cfg.vocab_size = tokenizer.vocab_size
   config_lib.validate_model_config(model_cfg)
   mesh = mesh_of(cfg)
-  model_cfg.moe_impl = moe.resolve_impl(model_cfg, jax.devices() if mesh is None else mesh)
+  # Without a mesh every step runs on one device.
+  model_cfg.moe_impl = moe.resolve_impl(model_cfg, jax.devices()[:1] if mesh is None else mesh)
   return task, tokenizer, model_cfg
 
 
