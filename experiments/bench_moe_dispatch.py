@@ -1,4 +1,5 @@
-"""Grouped SwiGLU expert layer over expert-sorted rows: Pallas gmm vs lax.ragged_dot.
+"""Grouped SwiGLU expert layer over expert-sorted rows: Pallas gmm vs lax.ragged_dot;
+and the model's MoE dispatches (moe.dispatch_fn) end to end.
 
   python experiments/bench_moe_dispatch.py                      # CPU: scaled set, interpreted
   python experiments/bench_moe_dispatch.py --backend=gpu        # GPU: both sets, bf16
@@ -11,7 +12,15 @@ Contenders: the Pallas kernels ('pallas_tpu' / 'pallas_gpu'), lax.ragged_dot ('r
 every row through every expert ('dense_oracle', E times the work, scaled set only), and
 one plain matmul [m, D] x [D, 3F] of the same useful FLOPs ('dense_matmul', the ceiling).
 On CPU the Pallas kernels run interpreted: their times say nothing about speed there,
-the run checks they agree with the reference. Writes JSON.
+the run checks they agree with the reference.
+
+Dispatch level (the JSON's 'dispatch_runs', not on --tpu-topology): the registered dispatches
+'pallas', 'grouped', 'ragged', 'dense' as the model calls them, fn(experts, x, idx,
+weights, cfg), on the scaled set: routing (top-K of skewed logits, some assignments
+dropped as another shard's, expert index E), sort, gather, the expert layer and the
+weighted combine; forward and forward+backward (d x, d weights) against 'dense' in
+float32 (the exact oracle, E / K times the work); useful FLOPs count all T*K assignments,
+dropped ones included. Writes JSON.
 """
 from __future__ import annotations
 
@@ -30,6 +39,11 @@ import numpy as np
 
 from pallas_kernels import default_tiling, gmm, reference_gmm
 from pallas_kernels.backends import fit_tiling
+from r1jax.model import config as config_lib
+from r1jax.model import moe
+from r1jax.model.layers import fuse_swiglu
+
+DISPATCHES = ("pallas", "grouped", "ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +185,44 @@ def bench_set(name, s: Shapes, dtype, kernels, interpret, repeats, with_oracle):
           "useful_flops": flops, "tiling_gate_up": tilings, "runs": rows}
 
 
+def bench_dispatch(name, s: Shapes, dtype, pallas_backend, repeats, dropped=0.05):
+  """The registered dispatches on set `s`, each against 'dense' (forward and gradients)."""
+  cfg = config_lib.make_model_config(
+      hidden_size=s.D, moe_intermediate_size=s.F, n_routed_experts=s.E, num_experts_per_tok=s.K,
+      n_group=1, topk_group=1, dtype=jnp.dtype(dtype).name, pallas_backend=pallas_backend)
+  k = jax.random.split(jax.random.PRNGKey(2), 5)
+  (x, w_gate, w_up, w_down), _, _ = _inputs(Shapes(s.T, 1, s.D, s.F, s.E), dtype, k[0])
+  experts = fuse_swiglu({"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
+  logits = jnp.linspace(2.0, -2.0, s.E) + jax.random.gumbel(k[1], (s.T, s.E))
+  top_TxK, idx_TxK = jax.lax.top_k(logits, s.K)
+  weights_TxK = jax.nn.softmax(top_TxK, axis=-1).astype(jnp.float32)
+  idx_TxK = jnp.where(jax.random.uniform(k[2], idx_TxK.shape) < dropped, s.E, idx_TxK)
+  cot = jax.random.normal(k[3], (s.T, s.D), dtype)
+  flops = {"forward": 6 * s.m * s.D * s.F, "forward_backward": 18 * s.m * s.D * s.F}
+  rows, ref = [], None
+  for impl in ("dense",) + tuple(d for d in DISPATCHES if d != "dense"):
+    fn = functools.partial(moe.dispatch_fn(impl), idx_TxK=idx_TxK, weights_TxK=weights_TxK,
+                           cfg=cfg)
+    fwd = jax.jit(lambda e, x, fn=fn: fn(e, x))
+    fwd_bwd = jax.jit(lambda e, x, c, fn=fn: (lambda o, vjp: (o, vjp(c)))(
+        *jax.vjp(lambda e, x: fn(e, x), e, x)))
+    out, (d_experts, d_x) = fwd_bwd(experts, x, cot)
+    got = (out, d_x, *jax.tree.leaves(d_experts))
+    ref = got if ref is None else ref
+    err = max(float(_max_rel_err(a, b)) for a, b in zip(got, ref))
+    for pass_name, f, f_args in (("forward", fwd, (experts, x)),
+                                 ("forward_backward", fwd_bwd, (experts, x, cot))):
+      sec = _time(f, *f_args, repeats=repeats)
+      rows.append({"impl": impl, "pass": pass_name, "seconds": sec,
+                   "useful_tflops_per_s": flops[pass_name] / sec / 1e12,
+                   "max_err_vs_dense_rms": err})
+      print(f"{name:12s} dispatch {impl:8s} {pass_name:17s} {sec * 1e3:10.2f} ms "
+            f"{flops[pass_name] / sec / 1e12:8.3f} TFLOP/s  err {err:.1e}", flush=True)
+  return {"dropped_fraction": float(jnp.mean(idx_TxK == s.E)),
+          "pallas_backend": pallas_backend, "error_reference": "moe_impl='dense'",
+          "runs": rows}
+
+
 def compile_for_topology(topology, sets, dtype):
   """AOT-compiles the layer's forward and forward+backward for one chip of `topology`."""
   from jax.experimental import topologies
@@ -245,6 +297,9 @@ def main():
     results["sets"] = {
         n: bench_set(n, SETS[n], dtype, kernels, interpret, flags.repeats,
                      with_oracle=(n == "scaled")) for n in names}
+    # Dispatch level, scaled set ('pallas' with the TPU kernel interpreted on CPU).
+    results["dispatch_runs"] = bench_dispatch(
+        "scaled", SETS["scaled"], dtype, "auto", flags.repeats)
   out = flags.out or os.path.join("experiments", "results", "bench_moe_dispatch" + (
       "_tpu_compile" if flags.tpu_topology else "") + ".json")
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

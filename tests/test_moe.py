@@ -190,7 +190,8 @@ def test_expert_parallel_moe_ffn_equals_one_device():
   P = jax.sharding.PartitionSpec
   specs = jax.tree.map(lambda _: P(), p)
   specs["experts"] = jax.tree.map(lambda _: P("expert"), p["experts"])
-  for name in ("capacity", "grouped"):  # the rollout engine's dispatch and the CPU default
+  # the rollout engine's dispatch, the CPU default, the Pallas kernels (interpreted)
+  for name in ("capacity", "grouped", "pallas"):
     want, want_stats = jax.jit(lambda p, x, v, name=name: moe.moe_ffn(p, x, v, cfg, impl=name))(
         p, x, valid)
     fn = jax.shard_map(lambda p, x, v, name=name: moe.moe_ffn(p, x, v, cfg, impl=name,

@@ -3,6 +3,9 @@
 libtpu compiles for a topology's devices without any TPU attached: the Mosaic kernels
 go through Pallas's TPU lowering and the Mosaic compiler, so a block shape, layout or
 op Mosaic rejects fails here. Nothing runs; memory_analysis() is recorded per compile.
+Besides the kernels: the tiny model's SFT train step with moe_impl='pallas' (one chip,
+XLA cannot partition a Mosaic kernel) and the expert-parallel MoE layer under shard_map
+over all chips.
 Skipped only where libtpu is not importable (install the `tpu` extra).
 """
 import functools
@@ -143,3 +146,70 @@ def test_mosaic_rejection_fails_the_compile():
     return gmm_tpu(x, w, meta, num_experts=4, tiling=Tiling(16, 64, 64), out_dtype=BF16)
   with pytest.raises(Exception, match="divisible by 8 and 128"):
     jax.jit(bad).lower(s((512, 512)), s((4, 512, 512)), s((4,), jnp.int32)).compile()
+
+
+def _tiny_sft_step_structs(mesh, batch=4, seq_len=64):
+  """Abstract (state, batch) of the tiny model's SFT step, placed on `mesh`."""
+  from r1jax.model import decoder, presets
+  from r1jax.train import optim
+  cfg = presets.get("tiny_v3", moe_impl="pallas", pallas_backend="tpu")
+  optimizer = optim.make_optimizer(optim.optimizer_defaults(), 100)
+  params = jax.eval_shape(functools.partial(decoder.init_params, cfg), jax.random.key(0))
+  state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state = jax.tree.map(lambda a: _struct(mesh, a.shape, a.dtype), state)
+  rows = {name: _struct(mesh, (batch, seq_len), dtype, P("data")) for name, dtype in (
+      ("tokens", jnp.int32), ("loss_mask", jnp.bool_), ("segment_ids", jnp.int32),
+      ("positions", jnp.int32))}
+  return cfg, optimizer, state, rows
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_tiny_model_sft_step_compiles_with_pallas_moe(topology, record_property):
+  """The whole SFT train step of tiny_v3 with moe_impl='pallas' (forward, backward through
+  gmm/tgmm, AdamW, router-bias update), AOT-compiled for one chip of the topology.
+
+  One chip, because XLA cannot partition a Mosaic kernel: over all chips of the topology
+  the same step fails with "Mosaic kernels cannot be automatically partitioned" (asserted
+  below). Multi-chip runs put the dispatch inside shard_map (moe_ffn(expert_axis=...),
+  compiled over the whole topology in the next test).
+  """
+  from r1jax.train import sft
+  cfg, optimizer, state, rows = _tiny_sft_step_structs(_mesh(topology, one_device=True))
+  stats = _compile(sft.make_train_step(cfg, optimizer), state, rows)
+  params_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                     for a in jax.tree.leaves(state["params"]))
+  assert stats["argument_size_in_bytes"] >= 3 * params_bytes  # params + Adam's two moments
+  record_property("memory_analysis", json.dumps(stats))
+  print(topology, "tiny_v3 sft step", json.dumps(stats))
+  cfg, optimizer, state, rows = _tiny_sft_step_structs(_mesh(topology))
+  with pytest.raises(Exception, match="cannot be automatically partitioned"):
+    sft.make_train_step(cfg, optimizer).lower(state, rows).compile()
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_expert_parallel_pallas_moe_compiles_over_the_topology(topology, record_property):
+  """moe_ffn with moe_impl='pallas' and the routed experts split over every chip
+  (shard_map, expert_axis), forward and gradient: the multi-chip form of the dispatch."""
+  from r1jax.model import decoder, moe, presets
+  mesh = _mesh(topology)
+  n = mesh.devices.size
+  cfg = presets.get("tiny_v3", moe_impl="pallas", pallas_backend="tpu", dtype="bfloat16",
+                    param_dtype="bfloat16", hidden_size=256, moe_intermediate_size=256)
+  layer = jax.eval_shape(lambda k: moe.compute_layout(jax.tree.map(
+      lambda a: a[0], decoder.init_params(cfg, k)["moe_layers"]["moe"])), jax.random.key(0))
+  specs = jax.tree.map(lambda _: P(), layer)
+  specs["experts"] = jax.tree.map(lambda _: P("data"), layer["experts"])
+  p = jax.tree.map(lambda a, s: _struct(mesh, a.shape, a.dtype, s), layer, specs)
+  x = _struct(mesh, (4 * n, 64, cfg.hidden_size), BF16, P("data"))
+  valid = _struct(mesh, (4 * n, 64), jnp.bool_, P("data"))
+
+  def local(p, x, valid):
+    loss = lambda p, x: jnp.sum(moe.moe_ffn(p, x, valid, cfg, expert_axis="data")[0]
+                                .astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(p, x)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), P("data")),
+                     out_specs=(specs, P("data")))
+  stats = _compile(fn, p, x, valid)
+  record_property("memory_analysis", json.dumps(stats))
+  print(topology, "expert-parallel moe_ffn grad", json.dumps(stats))

@@ -2,6 +2,7 @@
 
 config (fields, validation), presets (released shapes and tiny twins), layers (RMSNorm,
 SwiGLU, parameter specs), rope (RoPE, YaRN), mla (Multi-head Latent Attention), moe (router
-and dispatch registry), decoder (parameters, the block, forward, MTP, counts), hf (HF
-checkpoint I/O). Nothing here imports from outside r1jax/model/.
+and dispatch registry), moe_pallas (the 'pallas' dispatch over pallas_kernels), decoder
+(parameters, the block, forward, MTP, counts), hf (HF checkpoint I/O). Nothing here imports
+from r1jax outside r1jax/model/ (pallas_kernels is a separate package).
 """

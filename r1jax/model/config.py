@@ -7,9 +7,12 @@ naming the offending field, because a wrong config that runs is the worst bug.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
+from pallas_kernels.backends import fit_tiling
 
 from r1jax.model import mla, moe
+from r1jax.model import moe_pallas  # registers 'pallas' before validation reads the registry
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORES = ("top2_sum", "max")
@@ -56,7 +59,13 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.mtp_lambda = 0.3                # lambda, MTP loss weight
   c.attention_impl = "naive"        # 'naive' or 'absorbed'
   c.moe_impl = "dense"              # a registered dispatch (moe.DISPATCH_IMPLS): 'dense'
-                                    # (oracle), 'ragged', 'grouped', 'capacity'
+                                    # (oracle), 'ragged', 'grouped', 'capacity', 'pallas';
+                                    # or 'auto' (moe.resolve_impl: pallas on one TPU/GPU)
+  c.pallas_backend = "auto"         # moe_impl='pallas' kernel: 'auto' (from the platform compiled
+                                    # for), 'tpu' (Mosaic) or 'gpu' (Triton); see moe_pallas
+  c.pallas_tile_m = 0               # gmm tiles (rows, contracted, output columns);
+  c.pallas_tile_k = 0               # 0 = pallas_kernels.default_tiling for the backend
+  c.pallas_tile_n = 0               # and compute dtype
   c.scan_layers = True              # lax.scan over layers; False unrolls (shallow CPU models)
   c.param_dtype = "float32"
   c.dtype = "float32"               # compute dtype; the router always runs in float32
@@ -120,11 +129,14 @@ def validate_model_config(cfg) -> None:
       raise ValueError("model config field 'group_score' is 'top2_sum' but groups hold fewer than 2 "
                        "experts (n_routed_experts / n_group < 2)")
   for field, allowed in (("attention_impl", mla.ATTENTION_IMPLS),
-                         ("moe_impl", tuple(sorted(moe.DISPATCH_IMPLS))), ("scoring_func", SCORING_FUNCS), ("group_score", GROUP_SCORES),
+                         ("moe_impl", tuple(sorted(moe.DISPATCH_IMPLS)) + ("auto",)),
+                         ("pallas_backend", moe_pallas.PALLAS_BACKENDS),
+                         ("scoring_func", SCORING_FUNCS), ("group_score", GROUP_SCORES),
                          ("rope_scaling_type", ROPE_SCALING_TYPES), ("param_dtype", DTYPES),
                          ("dtype", DTYPES)):
     if cfg[field] not in allowed:
       raise ValueError(f"model config field {field!r} must be one of {allowed}, got {cfg[field]!r}")
+  _check_pallas_tiles(cfg)
   if cfg.rope_scaling_type == "yarn":
     _positive(cfg, "yarn_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
               "yarn_beta_slow")
@@ -132,6 +144,27 @@ def validate_model_config(cfg) -> None:
     raise ValueError(f"model config field 'mtp_depth' must be >= 0, got {cfg.mtp_depth}")
   if cfg.seq_aux_alpha < 0:
     raise ValueError(f"model config field 'seq_aux_alpha' must be >= 0, got {cfg.seq_aux_alpha}")
+
+
+def _check_pallas_tiles(cfg) -> None:
+  """Tile fields are >= 0 and legal for every kernel pallas_backend may pick ('auto':
+  both), so a bad tile fails here rather than at the first lowering."""
+  fields = ("pallas_tile_m", "pallas_tile_k", "pallas_tile_n")
+  for n in fields:
+    v = cfg[n]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise ValueError(f"model config field {n!r} must be an int >= 0 (0 = default), got {v!r}")
+  backends = ("tpu", "gpu") if cfg.pallas_backend == "auto" else (cfg.pallas_backend,)
+  big = 1 << 16  # larger than any tile: the check sees the tile itself, not a shrunk one
+  for backend in backends:
+    try:
+      dtype = jnp.dtype(cfg.dtype)  # numpy alone cannot parse "bfloat16"
+      fit_tiling(moe_pallas.tiling(cfg, backend, dtype), big, big, big, backend, dtype)
+    except ValueError as err:
+      name = dict(zip(("tiling.tm", "tiling.tk", "tiling.tn"), fields))
+      field = next((f for t, f in name.items() if t in str(err)), "pallas_tile_m")
+      raise ValueError(f"model config field {field!r} is not a legal {backend} tile for dtype "
+                       f"{cfg.dtype} (pallas_backend={cfg.pallas_backend!r}): {err}") from None
 
 
 def num_moe_layers(cfg) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 
 from r1jax.model import config as config_lib
 from r1jax.model import mla, moe
+from r1jax.model import moe_pallas  # noqa: F401  registers moe_impl='pallas'
 from r1jax.model.layers import (ParamSpec, dense, fuse_swiglu, init_from_specs, is_spec, rms_norm,
                                 stack_specs, swiglu, swiglu_specs)
 

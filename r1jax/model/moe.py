@@ -20,11 +20,15 @@ training uses; the rollout engine decodes with 'capacity') and tested against ea
              sparse path on CPU, where ragged_dot lowers to masked dense work).
   'capacity' expert-major rounds of a fixed number of slots per expert, one matmul batched
              over experts per round (few tokens: prefill and decode).
+  'pallas'   the same sort, grouped matmuls as Pallas kernels (moe_pallas.py, which
+             registers itself; config.py and decoder.py import it).
+cfg.moe_impl may also be 'auto': `resolve_impl` picks 'pallas' for one TPU or GPU, 'ragged'
+for several (a jit over a mesh cannot partition Pallas kernels), 'grouped' for CPUs.
 Every dispatch is fn(experts, x_TxD, idx_TxK, weights_TxK, cfg) -> y_TxD over the experts in
 `layers.fuse_swiglu` layout ({'w_gu' [E, D, 2F], 'w_down' [E, F, D]}), E read off the
 weights, and drops every assignment whose expert index is E (one past the last): under
 expert parallelism those belong to another shard's experts (`moe_ffn(expert_axis=...)`).
-A new dispatch (e.g. Pallas kernels) registers itself with `register_dispatch(name)`.
+A new dispatch registers itself with `register_dispatch(name)`.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import pallas_kernels
 
 from r1jax.model.layers import ParamSpec, fuse_swiglu, swiglu, swiglu_specs
 
@@ -51,6 +56,32 @@ def dispatch_fn(name: str) -> Callable:
   if name not in DISPATCH_IMPLS:
     raise ValueError(f"unknown moe_impl {name!r}; registered: {sorted(DISPATCH_IMPLS)}")
   return DISPATCH_IMPLS[name]
+
+
+def auto_impl(devices) -> str:
+  """The dispatch moe_impl='auto' means for these devices (a list, Mesh or Sharding):
+  'pallas' on one TPU or GPU; 'ragged' on several, because XLA cannot partition a Pallas
+  kernel inside a jit over a multi-device mesh (lax.ragged_dot it can; under shard_map each
+  shard is one device); 'grouped' on CPU, where Pallas kernels only run interpreted."""
+  if isinstance(devices, jax.sharding.Mesh):
+    devices = list(devices.devices.flat)
+  elif isinstance(devices, jax.sharding.Sharding):
+    devices = list(devices.device_set)
+  elif hasattr(devices, "platform"):
+    devices = [devices]
+  pallas_kernels.backend_for(devices)  # raises for mixed platforms or one without a kernel
+  if pallas_kernels.interpret_for(devices):
+    return "grouped"
+  return "pallas" if len(devices) == 1 else "ragged"
+
+
+def resolve_impl(cfg, devices=None) -> str:
+  """cfg.moe_impl with 'auto' resolved for the devices the model is compiled for (None:
+  jax.devices()). Call it where the model config is built: inside a traced step the
+  devices are not known, and moe_ffn falls back to jax.devices()."""
+  if cfg.moe_impl != "auto":
+    return cfg.moe_impl
+  return auto_impl(jax.devices() if devices is None else devices)
 
 
 def param_specs(cfg) -> dict:
@@ -264,13 +295,14 @@ def sequence_balance_loss(scores_TxE, idx_TxK, valid_BxL, cfg):
 def moe_ffn(p: dict, x_BxLxD, valid_BxL, cfg, *, impl: str | None = None, expert_axis=None):
   """Routed + shared experts over `compute_layout` weights. Returns (y [B, L, D], stats).
 
-  impl: the dispatch (default cfg.moe_impl). expert_axis: inside shard_map, the mesh axis
-  (or axes) the routed experts are split over, each shard holding its own tokens and E / n
-  experts (DeepSeek-V3 section 3.4: attention data-parallel, experts expert-parallel). The
-  shards' tokens are all-gathered, routed, each shard runs its own experts over all of
-  them (assignments to other shards' experts are dropped), and the partial outputs are
-  reduce-scattered back to the tokens they came from: every shard reads only its share of
-  the expert weights. stats: 'tokens_per_expert' [E] over valid tokens (all shards' under
+  impl: the dispatch (default cfg.moe_impl; a still unresolved 'auto' takes jax.devices(),
+  see `resolve_impl`). expert_axis: inside shard_map, the mesh axis (or axes) the routed
+  experts are split over, each shard holding its own tokens and E / n experts (DeepSeek-V3
+  section 3.4: attention data-parallel, experts expert-parallel). The shards' tokens are
+  all-gathered, routed, each shard runs its own experts over all of them (assignments to
+  other shards' experts are dropped), and the partial outputs are reduce-scattered back to
+  the tokens they came from: every shard reads only its share of the expert weights.
+  stats: 'tokens_per_expert' [E] over valid tokens (all shards' under
   expert_axis) and 'balance_loss' (0 unless cfg.seq_aux_alpha > 0 and no expert_axis).
   """
   b, l, d = x_BxLxD.shape
@@ -286,7 +318,10 @@ def moe_ffn(p: dict, x_BxLxD, valid_BxL, cfg, *, impl: str | None = None, expert
     e = _num_experts(p["experts"])
     local_TxK = idx_TxK - jax.lax.axis_index(expert_axis) * e
     local_TxK = jnp.where((local_TxK >= 0) & (local_TxK < e), local_TxK, e)
-  y_TxD = dispatch_fn(impl or cfg.moe_impl)(p["experts"], x_TxD, local_TxK, weights_TxK, cfg)
+  impl = impl or cfg.moe_impl
+  if impl == "auto":
+    impl = auto_impl(jax.devices())
+  y_TxD = dispatch_fn(impl)(p["experts"], x_TxD, local_TxK, weights_TxK, cfg)
   if expert_axis is not None:
     y_TxD = jax.lax.psum_scatter(y_TxD, expert_axis, scatter_dimension=0, tiled=True)
   if "shared" in p:

@@ -15,7 +15,7 @@ import ml_collections
 from r1jax import sharding
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import config as config_lib
-from r1jax.model import decoder
+from r1jax.model import decoder, moe
 from r1jax.tasks import base as task_base
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import optim
@@ -67,13 +67,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def build(cfg):
   """(task, tokenizer, model_cfg) from an experiment config; the vocab follows the tokenizer.
 
-  The model config is validated here, once per mode.
+  The model config is validated here, once per mode, and moe_impl='auto' is resolved for
+  the devices of the config's mesh (one device without one).
   """
   task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
   tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
   model_cfg = copy.deepcopy(cfg.model)
   model_cfg.vocab_size = tokenizer.vocab_size
   config_lib.validate_model_config(model_cfg)
+  mesh = mesh_of(cfg)
+  # Without a mesh every step runs on one device.
+  model_cfg.moe_impl = moe.resolve_impl(model_cfg, jax.devices()[:1] if mesh is None else mesh)
   return task, tokenizer, model_cfg
 
 
