@@ -51,10 +51,14 @@ def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, se
 
 def run(cfg, workdir: str) -> dict:
   """`pipeline` mode (see the module docstring)."""
-  os.makedirs(workdir, exist_ok=True)
+  experiment.validate(cfg)  # a bad field of any stage stops here, not after the cold start
   t_start = time.time()
   task, tokenizer, model_cfg = experiment.build(cfg)
-  rl.validate(cfg.grpo)  # a bad GRPO config stops here, not after the cold start
+  try:  # likewise more held-out problems than the split holds
+    eval_lib.heldout_examples(task, cfg.eval)
+  except ValueError as e:
+    raise ValueError(f"config field 'eval.num_problems': {e}") from None
+  os.makedirs(workdir, exist_ok=True)
   stages = _load_stages(workdir)
   stages.setdefault("wall_time_before_s", 0.0)
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -82,6 +82,7 @@ def grpo_defaults() -> ml_collections.ConfigDict:
 
 
 def validate(gcfg) -> None:
+  """ValueError naming the first grpo config field that no run could use."""
   for field in ("steps", "prompts_per_step", "G", "max_new_tokens", "mu", "minibatches",
                 "max_prompt_len", "logprob_chunk", "checkpoint_every"):
     if gcfg[field] < 1:
@@ -100,8 +101,20 @@ def validate(gcfg) -> None:
                      f"got {gcfg.kl!r}")
   if gcfg.temperature <= 0:
     raise ValueError("grpo config field 'temperature' must be > 0 (GRPO samples)")
-  if gcfg.beta < 0:
-    raise ValueError(f"grpo config field 'beta' must be >= 0, got {gcfg.beta}")
+  for field in ("beta", "epsilon_low", "epsilon_high", "max_refills", "ref_reset_every",
+                "reward_workers"):
+    if gcfg[field] < 0:
+      raise ValueError(f"grpo config field {field!r} must be >= 0, got {gcfg[field]}")
+  if not 0 <= gcfg.top_p <= 1:
+    raise ValueError(f"grpo config field 'top_p' must lie in [0, 1] (1 = off), got {gcfg.top_p}")
+  if gcfg.top_k < 0:
+    raise ValueError(f"grpo config field 'top_k' must be >= 0 (0 = off), got {gcfg.top_k}")
+  if not gcfg.reward_timeout_s > 0:
+    raise ValueError(f"grpo config field 'reward_timeout_s' must be > 0, "
+                     f"got {gcfg.reward_timeout_s}")
+  if gcfg.max_to_keep < 1:
+    raise ValueError(f"grpo config field 'max_to_keep' must be >= 1, got {gcfg.max_to_keep}")
+  optim.validate(gcfg.optimizer, "grpo.optimizer")
 
 
 # ============================================================================ jitted pieces

@@ -35,6 +35,17 @@ def sft_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def validate(scfg) -> None:
+  """ValueError naming the first sft config field that no run could use."""
+  for field in ("num_traces", "steps", "batch_size", "checkpoint_every", "max_to_keep"):
+    if scfg[field] < 1:
+      raise ValueError(f"sft config field {field!r} must be >= 1, got {scfg[field]}")
+  if scfg.seq_len < 2:
+    raise ValueError(f"sft config field 'seq_len' must be >= 2 (a token and its successor), "
+                     f"got {scfg.seq_len}")
+  optim.validate(scfg.optimizer, "sft.optimizer")
+
+
 def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
   """jit(step(state, batch) -> (state, metrics)), donating the state. bias_rate: the
   aux-loss-free router bias update speed u (optim.apply_updates)."""
