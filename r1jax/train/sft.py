@@ -8,7 +8,6 @@ GRPO. A run is resumable: killed at any point, `train` picks up from the latest 
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +73,8 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   """Trains on `examples`' traces; returns (params, info dict).
 
   steps: number of optimizer steps (default scfg.steps). time_budget_s: stop early once this
-  much wall-clock training time is spent (the SFT control arm). The run lives in
+  much training time is spent (the SFT control arm); training time is wall-clock time in
+  the steps less compilation (metrics.WorkClock), so a restarted run is not charged twice. The run lives in
   workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes. mesh / param_rules:
   parameters, optimizer state and batches laid out as in `sharding`; None: one device.
   """
@@ -101,6 +101,7 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   bar = metrics_lib.ProgressBar(total, ("loss", "nll"), initial=start_step, desc=name,
                                 disable=not progress)
   step = start_step
+  clock = metrics_lib.WorkClock()
 
   def emit(item):
     if item is not None:
@@ -111,11 +112,11 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
 
   try:
     while step < total and (time_budget_s is None or elapsed < time_budget_s):
-      t0 = time.perf_counter()
+      clock.start()
       batch = sharding.place_batch(next(it), mesh, param_rules)
       state, m = train_step(state, batch)
       jax.block_until_ready(state["step"])
-      elapsed += time.perf_counter() - t0
+      elapsed += clock.elapsed()
       step += 1
       m = dict(m, elapsed_s=elapsed)
       emit(late.push(step, m))
