@@ -78,6 +78,7 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes. mesh / param_rules:
   parameters, optimizer state and batches laid out as in `sharding`; None: one device.
   """
+  validate(scfg)
   total = int(steps if steps is not None else scfg.steps)
   run_dir = os.path.join(workdir, name)
   ds = data_lib.sft_dataset(task, examples, tokenizer, seq_len=scfg.seq_len,
