@@ -29,14 +29,20 @@ def main(argv):
     raise app.UsageError(f"config field 'mode' is {cfg.mode!r}; expected one of {sorted(MODES)}")
   if cfg.mode != "inspect" and not _WORKDIR.value:
     raise app.UsageError(f"mode {cfg.mode!r} needs --workdir")
+  if cfg.mode != "inspect":
+    try:
+      experiment.validate(cfg)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
   MODES[cfg.mode](cfg, _WORKDIR.value)
 
 
 def run_main(argv=None):
-  """app.run(main) after rejecting overrides of removed config fields with what replaced them."""
+  """app.run(main) after rejecting `--config.FIELD` overrides of removed fields (with what
+  replaced them) and of fields the config does not have (with the ones it has there)."""
   argv = sys.argv if argv is None else argv
   try:
-    experiment.check_replaced_fields(argv)
+    experiment.check_overrides(argv, experiment.config_from_argv(argv))
   except ValueError as e:
     sys.exit(f"error: {e}")
   app.run(main, argv=argv)

@@ -207,6 +207,35 @@ def test_asking_for_more_mtp_depth_than_stored_names_the_missing_tensors():
     hf.load_checkpoint(_fixture("v3"), mtp_depth=2)
 
 
+def _without_mtp(tmp_path, drop=()) -> str:
+  """The v3 fixture as transformers saves it: num_nextn_predict_layers 1, no MTP tensors."""
+  raw = {k: v for k, v in _read_tensors(_fixture("v3")).items()
+         if not k.startswith("model.layers.2.") and k not in drop}
+  return _write_variant(_fixture("v3"), str(tmp_path / "no_mtp"), raw)
+
+
+def test_checkpoint_without_its_mtp_module_loads_without_it(tmp_path, caplog):
+  path = _without_mtp(tmp_path)
+  assert hf.read_config(path)["num_nextn_predict_layers"] == 1
+  with caplog.at_level(logging.WARNING):
+    cfg, params = hf.load_checkpoint(path)
+  assert "no tensor of HF layer(s) [2]" in caplog.text and "mtp_depth=0" in caplog.text
+  assert "model.layers.2.eh_proj.weight" in caplog.text
+  cfg0, want = hf.load_checkpoint(_fixture("v3"), mtp_depth=0)
+  assert cfg.to_dict() == cfg0.to_dict() and "mtp" not in params
+  _assert_params_identical(params, want)
+  # Asked for explicitly, the absent module is an error that says what to pass instead.
+  with pytest.raises(ValueError, match=r"model\.layers\.2\..*pass mtp_depth=0"):
+    hf.load_checkpoint(path, mtp_depth=1)
+
+
+def test_checkpoint_without_mtp_and_one_more_tensor_names_that_tensor(tmp_path):
+  name = "model.layers.1.self_attn.kv_b_proj.weight"
+  with pytest.raises(ValueError, match=r"1 tensor\(s\) missing.*kv_b_proj.*overrides") as e:
+    hf.load_checkpoint(_without_mtp(tmp_path, drop=(name,)))
+  assert name in str(e.value) and "eh_proj" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------- round trip
 
 @pytest.mark.parametrize("name", NAMES)

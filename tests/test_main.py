@@ -2,7 +2,8 @@
 
 inspect mode prints counts; pipeline mode on configs/test_tiny.py writes summary.json and
 pipeline.png; eval mode on that workdir reloads the latest GRPO checkpoint; a bad config
-field or a malformed data file stops the run at start-up with a message naming it.
+field (of any stage, in every mode), an unknown field or a malformed data file stops the run
+at start-up with a message naming it.
 """
 from __future__ import annotations
 
@@ -93,6 +94,30 @@ def test_bad_config_field_stops_before_training(tmp_path):
   assert proc.returncode != 0
   assert "grpo config field 'G' must be >= 2" in proc.stderr
   assert not os.path.exists(tmp_path / "sft"), "the cold start ran before the config check"
+
+
+@pytest.mark.parametrize("mode,override,message", [
+    ("pipeline", "eval.num_problems=-3", "eval config field 'num_problems' must be >= 1"),
+    ("pipeline", "eval.num_problems=500", "config field 'eval.num_problems': asked for 500"),
+    ("pipeline", "sft.steps=-1", "sft config field 'steps' must be >= 1"),
+    ("sft", "sft.batch_size=0", "sft config field 'batch_size' must be >= 1"),
+    ("grpo", "grpo.top_p=1.5", "grpo config field 'top_p' must lie in [0, 1]"),
+    ("grpo", "grpo.optimizer.lr=-1.0", "grpo.optimizer config field 'lr' must be >= 0"),
+    ("eval", "eval.k=0", "eval config field 'k' must be >= 1"),
+    ("pipeline", "sft.seq_len=100", "'sft.seq_len' (100) exceeds model.max_position_embeddings"),
+    ("pipeline", "grpo.bogus_field=1", "unknown config field 'grpo.bogus_field'; known fields of "
+                                       "grpo: G, adv_scale, beta"),
+    ("sft", "task.kwargs.digits=3", "unknown config field 'task.kwargs.digits'; known fields of "
+                                    "task.kwargs: ops, test_digits"),
+])
+def test_a_bad_field_stops_every_mode_at_start_up_naming_it(tmp_path, mode, override, message):
+  proc = run_main(f"--config={TEST_CONFIG}:mode={mode}", f"--config.{override}",
+                  f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  if "asked for" not in message:  # the task's own error comes from inside the pipeline
+    assert "Traceback" not in proc.stderr
+  assert os.listdir(tmp_path) == [], "a stage started before the config check"
 
 
 def test_sft_then_grpo_modes_write_their_curves(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import jax
 import ml_collections
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.model import decoder
 from r1jax.run import experiment
 from r1jax.run import pipeline
 from r1jax.train import evaluate as eval_lib
@@ -92,6 +94,40 @@ def test_restart_of_a_finished_pipeline_redoes_nothing(finished, monkeypatch):
   assert again["wall_time_s"] > summary["wall_time_s"]  # wall time accumulates over restarts
   assert json.load(open(os.path.join(workdir, "summary.json")))["wall_time_s"] == \
       pytest.approx(again["wall_time_s"])
+
+
+def test_a_kill_during_grpo_leaves_the_control_budget_as_uninterrupted(finished, tmp_path,
+                                                                       monkeypatch):
+  """Killed after GRPO's checkpoint 1 and rerun, the pipeline recompiles every program; the
+  control's budget is still GRPO's sample + verify + train seconds without compilation, as
+  in the uninterrupted run, and the control spends it on training, not compiling."""
+  _, summary = finished
+  # Tracing calls decoder.block once per layer: a pause there makes the rerun's
+  # compilations slow (as a large model's are), so any compile time counted would show.
+  pause_s, block = 1.0, decoder.block
+  def slow_block(*args, **kwargs):
+    time.sleep(pause_s)
+    return block(*args, **kwargs)
+  monkeypatch.setattr(decoder, "block", slow_block)
+  resumed = tiny_runs.run_killed_then_resumed("pipeline", tmp_path, step=2)
+  grpo_rows = metrics_lib.read_metrics(str(tmp_path / "grpo"))
+  assert [r["step"] for r in grpo_rows] == [1, 2]
+  assert grpo_rows[1]["time_compile_s"] > 2 * pause_s  # step 2 was the rerun's first
+  budget = resumed["grpo_time_s"]
+  print(f"\ncontrol budget: uninterrupted {summary['grpo_time_s']:.2f} s "
+        f"({summary['sft_control_steps']} steps), killed and rerun {budget:.2f} s "
+        f"({resumed['sft_control_steps']} steps)")
+  assert budget == pytest.approx(sum(r["time_sample_s"] + r["time_verify_s"] + r["time_train_s"]
+                                     for r in grpo_rows))
+  # What remains is noise and a fresh process's slower first step (under a second here),
+  # far below the rerun's compile time.
+  assert abs(budget - summary["grpo_time_s"]) < 1.5 * pause_s
+  stages = json.load(open(tmp_path / "stages.json"))
+  assert stages["sft_control"]["time_budget_s"] == budget
+  control = metrics_lib.read_metrics(str(tmp_path / "sft_control"))
+  # The first step compiled (slowly) yet counts only its work, as every later step does.
+  assert control[0]["elapsed_s"] < 2 * pause_s
+  assert resumed["sft_control_time_s"] == control[-1]["elapsed_s"]
 
 
 def test_cold_start_equals_a_standalone_sft_run(finished, tmp_path):

@@ -154,3 +154,21 @@ def test_sharded_sft_equals_one_device(tmp_path):
   got, want = tiny_runs.leaves(got), tiny_runs.leaves(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_traces", 0, "sft config field 'num_traces' must be >= 1"),
+    ("seq_len", 1, "sft config field 'seq_len' must be >= 2"),
+    ("optimizer.b2", 1.0, r"sft.optimizer config field 'b2' must lie in \[0, 1\)"),
+    ("optimizer.warmup_steps", -1, "sft.optimizer config field 'warmup_steps' must be >= 0"),
+])
+def test_validate_names_the_field(field, value, message):
+  scfg = tiny_runs.load_config().sft
+  sft.validate(scfg)  # the test config itself is valid
+  *parents, name = field.split(".")
+  node = scfg
+  for p in parents:
+    node = node[p]
+  node[name] = value
+  with pytest.raises(ValueError, match=message):
+    sft.validate(scfg)

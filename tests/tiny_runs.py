@@ -3,10 +3,11 @@
 The resume tests compare a run killed mid-way and resumed with an uninterrupted one, so both
 must be built by the same code: `run_grpo` / `run_sft` here. Run as a script,
 
-  python tests/tiny_runs.py grpo|sft WORKDIR [pause_after_step]
+  python tests/tiny_runs.py grpo|sft|pipeline WORKDIR [pause_after_step]
 
-it does the same run in a fresh process; after writing the metrics line of
-`pause_after_step` it sleeps instead of continuing, so a test can SIGKILL it at a known point
+it does the same run in a fresh process (`pipeline`: pipeline.run of the default test
+config); after writing the metrics line of `pause_after_step` (for `pipeline`, of its GRPO
+stage) it sleeps instead of continuing, so a test can SIGKILL it at a known point
 past a checkpoint (a kill at an unknown point could land after the last checkpoint and then
 resume nothing).
 """
@@ -103,27 +104,35 @@ def _wait_for_pause(proc, run_dir, step, checkpoint, timeout_s):
                        f"after {timeout_s} s")
 
 
-def run_killed_then_resumed(kind: str, workdir, timeout_s: float = 300.0):
-  """Runs `kind` ('grpo' | 'sft') as a process, SIGKILLs it once step 3 is logged and
-  checkpoint 2 is on disk, then resumes it in this process to the end; returns (params, info).
+def run_pipeline(workdir: str):
+  """pipeline.run of the default test config; returns its summary."""
+  from r1jax.run import pipeline
+  return pipeline.run(load_config(), workdir)
+
+
+def run_killed_then_resumed(kind: str, workdir, timeout_s: float = 300.0, step: int = 3):
+  """Runs `kind` ('grpo' | 'sft' | 'pipeline') as a process, SIGKILLs it once (GRPO's, for
+  'pipeline') step `step` is logged and checkpoint step - 1 is on disk, then resumes it in
+  this process to the end; returns (params, info), for 'pipeline' the summary.
   """
   from r1jax.train import checkpoint as ckpt_lib
   from r1jax.train import metrics as metrics_lib
   workdir = str(workdir)
-  run_dir = os.path.join(workdir, kind)
-  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind, workdir, "3"],
+  run_dir = os.path.join(workdir, "grpo" if kind == "pipeline" else kind)
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind, workdir, str(step)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for_pause(proc, run_dir, step=3, checkpoint=2, timeout_s=timeout_s)
+    _wait_for_pause(proc, run_dir, step=step, checkpoint=step - 1, timeout_s=timeout_s)
   finally:
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
     proc.communicate()
   assert proc.returncode == -signal.SIGKILL, proc.returncode
   with ckpt_lib.CheckpointManager(run_dir) as m:
-    assert m.latest_step() == 2, f"the kill must land between checkpoints 2 and 4: {m.all_steps()}"
-  assert max(r["step"] for r in metrics_lib.read_metrics(run_dir)) == 3
-  return (run_grpo if kind == "grpo" else run_sft)(workdir)
+    assert m.latest_step() == step - 1, f"the kill must land after checkpoint {step - 1}: " \
+                                        f"{m.all_steps()}"
+  assert max(r["step"] for r in metrics_lib.read_metrics(run_dir)) == step
+  return {"grpo": run_grpo, "sft": run_sft, "pipeline": run_pipeline}[kind](workdir)
 
 
 def assert_same_run(kind: str, dir_a, params_a, dir_b, params_b) -> None:
@@ -143,14 +152,15 @@ def assert_same_run(kind: str, dir_a, params_a, dir_b, params_b) -> None:
     assert {k: ra[k] for k in keep} == {k: rb[k] for k in keep}, f"step {ra['step']}"
 
 
-def _pause_after(step: int) -> None:
-  """Makes every MetricsWriter sleep right after writing the line of `step`."""
+def _pause_after(step: int, stage: str | None = None) -> None:
+  """Makes every MetricsWriter (of run dir `stage`, if given) sleep right after writing the
+  line of `step`."""
   from r1jax.train import metrics as metrics_lib
   write = metrics_lib.MetricsWriter.write
 
   def write_then_pause(self, s, metrics):
     out = write(self, s, metrics)
-    if s == step:
+    if s == step and stage in (None, os.path.basename(self.workdir)):
       print(f"paused after step {s}", flush=True)
       time.sleep(3600)
     return out
@@ -160,8 +170,8 @@ def _pause_after(step: int) -> None:
 
 def main(argv) -> None:
   kind, workdir = argv[1], argv[2]
-  if kind not in ("grpo", "sft"):
-    raise ValueError(f"kind must be 'grpo' or 'sft', got {kind!r}")
+  if kind not in ("grpo", "sft", "pipeline"):
+    raise ValueError(f"kind must be 'grpo', 'sft' or 'pipeline', got {kind!r}")
   # The same device setup as tests/conftest.py, so compiled programs (and numbers) match.
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -170,8 +180,8 @@ def main(argv) -> None:
   jax.config.update("jax_compilation_cache_dir", os.path.join(REPO, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if len(argv) > 3:
-    _pause_after(int(argv[3]))
-  (run_grpo if kind == "grpo" else run_sft)(workdir)
+    _pause_after(int(argv[3]), "grpo" if kind == "pipeline" else None)
+  {"grpo": run_grpo, "sft": run_sft, "pipeline": run_pipeline}[kind](workdir)
 
 
 if __name__ == "__main__":

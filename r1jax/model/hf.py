@@ -383,6 +383,8 @@ def load_checkpoint(path: str, **overrides):
   `overrides` are model config fields applied after config.json (e.g.
   moe_impl='ragged', param_dtype='bfloat16', mtp_depth=0 to drop the MTP module:
   stored MTP modules past the requested depth are skipped with a logged note).
+  Without an mtp_depth override, MTP modules that config.json names but the checkpoint
+  does not hold at all (transformers saves none) are left out with a logged warning.
   Tensors stream one at a time from model.safetensors or the shards named in
   model.safetensors.index.json into preallocated stacked numpy arrays of
   cfg.param_dtype, so host memory holds the checkpoint once. params leaves are
@@ -444,8 +446,20 @@ def load_checkpoint(path: str, **overrides):
       e = by_name[n]
       _get(params, e.leaf)[e.index] = 0
     missing = [n for n in missing if n not in optional_bias]
+  if missing and "mtp_depth" not in overrides:
+    kept = _stored_mtp_depth(cfg, filled)
+    if kept < cfg.mtp_depth:
+      # transformers writes num_nextn_predict_layers=1 but no MTP weights: load without them.
+      absent = [n for n in missing if _hf_layers_from([n], cfg.num_hidden_layers + kept)]
+      logging.warning("config.json asks for %d MTP module(s) but %s holds no tensor of HF "
+                      "layer(s) %s (%d absent, e.g. %s): loading with mtp_depth=%d",
+                      cfg.mtp_depth, path, sorted(_hf_layers_from(absent, 0)), len(absent),
+                      _few(absent, 2), kept)
+      cfg = config_from_hf(hf_config, **{**overrides, "mtp_depth": kept})
+      _drop_mtp(params, kept)
+      missing = [n for n in missing if n not in absent]
   if missing:
-    raise ValueError(f"{len(missing)} tensor(s) missing from {path!r}: {_few(missing)}")
+    raise ValueError(_missing_message(cfg, path, missing))
   if skipped:
     logging.info("Skipped %d tensor(s) that duplicate the shared embedding/head: %s",
                  len(skipped), _few(skipped, 2))
@@ -454,6 +468,42 @@ def load_checkpoint(path: str, **overrides):
     logging.info("mtp_depth=%d: skipped %d tensor(s) of the MTP module(s) at HF layer(s) %s",
                  cfg.mtp_depth, len(dropped_mtp), layers)
   return cfg, params
+
+
+def _stored_mtp_depth(cfg, filled) -> int:
+  """How many leading MTP modules of `cfg` have at least one tensor in `filled`."""
+  present = _hf_layers_from(filled, cfg.num_hidden_layers)
+  depth = 0
+  while depth < cfg.mtp_depth and cfg.num_hidden_layers + depth in present:
+    depth += 1
+  if present - set(range(cfg.num_hidden_layers, cfg.num_hidden_layers + depth)):
+    return cfg.mtp_depth  # a gap between stored modules: not a cleanly absent tail
+  return depth
+
+
+def _drop_mtp(params: dict, depth: int) -> None:
+  """Keeps the first `depth` MTP modules of params (none: no 'mtp' entry)."""
+  if depth == 0:
+    params.pop("mtp", None)
+  else:
+    params["mtp"] = _map_leaves(params["mtp"], lambda x: x[:depth].copy())
+
+
+def _map_leaves(tree: dict, fn) -> dict:
+  return {k: _map_leaves(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def _missing_message(cfg, path: str, missing) -> str:
+  """The missing-tensor error, with the override that would match the checkpoint."""
+  msg = f"{len(missing)} tensor(s) missing from {path!r}: {_few(missing)}"
+  mtp_layers = _hf_layers_from(missing, cfg.num_hidden_layers)
+  if all(_hf_layers_from([n], cfg.num_hidden_layers) for n in missing):
+    depth = min(mtp_layers) - cfg.num_hidden_layers
+    return (msg + f"; they belong to MTP module(s) at HF layer(s) {sorted(mtp_layers)}: pass "
+            f"mtp_depth={depth} to load_checkpoint to load the modules before them")
+  return (msg + "; the checkpoint holds fewer tensors than its config.json describes: "
+          "correct config.json, or pass the fields that match the tensors as overrides "
+          "(e.g. load_checkpoint(path, num_hidden_layers=..., n_routed_experts=...))")
 
 
 def _fill_fused(group: dict, which: str, t: np.ndarray, fill) -> None:

@@ -9,6 +9,7 @@ from r1jax.train import evaluate
 
 
 def run(cfg, workdir: str) -> dict:
+  experiment.validate(cfg)
   task, tokenizer, model_cfg = experiment.build(cfg)
   params = experiment.latest_params(cfg, workdir, model_cfg)
   result = evaluate.evaluate(params, model_cfg, task, tokenizer, cfg.eval, seed=cfg.seed,

@@ -2,11 +2,13 @@
 model config of a run, its mesh, its initial parameters, and restoring a stage's checkpoint.
 
 A run's config (configs/*.py) holds mode, seed, task, model, mesh and one sub-config per
-stage (sft, grpo, eval); `build` validates it once, at the start of the mode.
+stage (sft, grpo, eval); every mode calls `validate` first, and `build` validates the
+model config.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 
 import jax
@@ -18,7 +20,8 @@ from r1jax.model import config as config_lib
 from r1jax.model import decoder, moe
 from r1jax.tasks import base as task_base
 from r1jax.train import checkpoint as ckpt_lib
-from r1jax.train import optim
+from r1jax.train import evaluate as eval_lib
+from r1jax.train import optim, rl, sft
 
 # Config fields that no longer exist -> what replaced them (a command-line override of one
 # stops at start-up with this message instead of a KeyError deep in the flag parser).
@@ -32,14 +35,68 @@ REPLACED_FIELDS = {
 }
 
 
-def check_replaced_fields(argv) -> None:
-  """ValueError for any `--config.FIELD=...` in argv naming a field in REPLACED_FIELDS."""
+def config_from_argv(argv):
+  """The config `--config=PATH[:ARG]` in argv names, or None (absent, or it fails to load:
+  then absl's own parsing reports the problem)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    path, _, config_arg = value.partition(":")
+    try:
+      spec = importlib.util.spec_from_file_location("r1jax_precheck_config", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      cfg = module.get_config(config_arg) if config_arg else module.get_config()
+    except Exception:  # reported again, with absl's context, when app.run parses the flags
+      return None
+    return cfg if isinstance(cfg, ml_collections.ConfigDict) else None
+  return None
+
+
+def check_overrides(argv, cfg=None) -> None:
+  """ValueError for any `--config.FIELD=...` in argv naming a field in REPLACED_FIELDS or,
+  given the loaded config, a field that `cfg` does not have (with the fields it has there)."""
   for arg in argv:
     if not arg.startswith("--config."):
       continue
     field = arg[len("--config."):].split("=", 1)[0]
     if field in REPLACED_FIELDS:
       raise ValueError(f"config field {field!r} was removed; use {REPLACED_FIELDS[field]}")
+    if cfg is not None:
+      _check_field_exists(cfg, field)
+
+
+def _check_field_exists(cfg, field: str) -> None:
+  node, parent = cfg, "config"
+  for i, part in enumerate(field.split(".")):
+    key = part.split("[", 1)[0]  # `a[0]` indexes a sequence field `a`
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      where = f"; known fields of {parent}: {', '.join(known)}" if known else \
+          f"; {parent} has no sub-fields"
+      raise ValueError(f"unknown config field {field!r}{where}")
+    node, parent = node[key], ".".join(field.split(".")[:i + 1])
+
+
+def validate(cfg) -> None:
+  """Checks every stage's config (sft, grpo, eval) and the sequence lengths against the
+  model's positions, so that every mode stops before any work on a field no stage could use;
+  ValueError names the field."""
+  sft.validate(cfg.sft)
+  rl.validate(cfg.grpo)
+  eval_lib.validate(cfg.eval)
+  max_pos = cfg.model.max_position_embeddings
+  if cfg.sft.seq_len > max_pos:
+    raise ValueError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
+                     f"model.max_position_embeddings ({max_pos})")
+  width = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
+  if width > max_pos:
+    raise ValueError(f"config fields 'grpo.max_prompt_len' + 'grpo.max_new_tokens' ({width}) "
+                     f"exceed model.max_position_embeddings ({max_pos})")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ from r1jax.train import metrics, rl
 
 
 def run(cfg, workdir: str):
-  rl.validate(cfg.grpo)
+  experiment.validate(cfg)
   task, tokenizer, model_cfg = experiment.build(cfg)
   mesh = experiment.mesh_of(cfg)
   try:

@@ -4,7 +4,9 @@
   2. held-out accuracy of that model (`accuracy_before_grpo`);
   3. GRPO from it on fresh problems that carry only a verifiable answer (no traces);
   4. control arm: the same cold-start model trained by more SFT on the same traces for the
-     same wall-clock time GRPO took; both evaluated on the same held-out problems.
+     same training time GRPO took (its sampling + verifying + training seconds; on both
+     sides compilation is not counted, so restarts change neither budget nor spending);
+     both evaluated on the same held-out problems.
 Every stage checkpoints and records its result in workdir/stages.json, so a killed run
 restarts where it stopped. The end writes summary.json and pipeline.png.
 """
@@ -51,10 +53,14 @@ def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, se
 
 def run(cfg, workdir: str) -> dict:
   """`pipeline` mode (see the module docstring)."""
-  os.makedirs(workdir, exist_ok=True)
+  experiment.validate(cfg)  # a bad field of any stage stops here, not after the cold start
   t_start = time.time()
   task, tokenizer, model_cfg = experiment.build(cfg)
-  rl.validate(cfg.grpo)  # a bad GRPO config stops here, not after the cold start
+  try:  # likewise more held-out problems than the split holds
+    eval_lib.heldout_examples(task, cfg.eval)
+  except ValueError as e:
+    raise ValueError(f"config field 'eval.num_problems': {e}") from None
+  os.makedirs(workdir, exist_ok=True)
   stages = _load_stages(workdir)
   stages.setdefault("wall_time_before_s", 0.0)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -93,7 +99,7 @@ def run(cfg, workdir: str) -> dict:
                                        tokenizer=tokenizer, params=params_sft, examples=traces,
                                        seed=cfg.seed + 1, steps=steps, time_budget_s=grpo_time,
                                        name="sft_control", mesh=mesh)
-    stages["sft_control"] = ctrl_info
+    stages["sft_control"] = dict(ctrl_info, time_budget_s=grpo_time)
     _save_stages(workdir, stages)
     control = _evaluate(stages, "eval_sft_control", workdir, params_ctrl, model_cfg, task,
                         tokenizer, cfg.eval, cfg.seed, mesh)

@@ -9,6 +9,7 @@ from r1jax.train import metrics, sft
 
 
 def run(cfg, workdir: str):
+  experiment.validate(cfg)
   task, tokenizer, model_cfg = experiment.build(cfg)
   mesh = experiment.mesh_of(cfg)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)

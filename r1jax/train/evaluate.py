@@ -34,6 +34,16 @@ def eval_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def validate(ecfg) -> None:
+  """ValueError naming the first eval config field that no evaluation could use."""
+  for field in ("num_problems", "k", "max_new_tokens", "batch_size"):
+    if ecfg[field] < 1:
+      raise ValueError(f"eval config field {field!r} must be >= 1, got {ecfg[field]}")
+  if not ecfg.temperature >= 0:
+    raise ValueError(f"eval config field 'temperature' must be >= 0 (0 = greedy), "
+                     f"got {ecfg.temperature}")
+
+
 def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, seed: int = 0,
                        mesh=None):
   """ecfg.k completions of each example, ecfg.batch_size rows per generate call.

@@ -13,10 +13,13 @@ waits on the device and dispatch stays ahead.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import numbers
 import os
+import threading
+import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -25,6 +28,49 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TB_DIR = "tb"
+
+# JAX's own duration events for tracing, lowering and compiling (or reading from the
+# persistent cache) a top-level program; they do not nest.
+_COMPILE_EVENTS = frozenset(("/jax/core/compile/jaxpr_trace_duration",
+                             "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                             "/jax/core/compile/backend_compile_duration"))
+_compile_s = collections.defaultdict(float)  # thread id -> seconds
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    _compile_s[threading.get_ident()] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+  """Seconds this thread has spent tracing, lowering and compiling JAX programs so far."""
+  return _compile_s[threading.get_ident()]
+
+
+class WorkClock:
+  """Wall-clock seconds since `start()` less the compile time (compile_seconds) meanwhile.
+
+  A run that restarts compiles its programs again; timing with this clock, the steps of a
+  resumed run cost what they would have in an uninterrupted one, so time budgets that
+  compare stages (the pipeline's SFT control) do not depend on how often a run was killed.
+  """
+
+  def __init__(self):
+    self.start()
+
+  def start(self) -> "WorkClock":
+    self._t, self._c = time.perf_counter(), compile_seconds()
+    return self
+
+  def compile_s(self) -> float:
+    """Compile seconds since start()."""
+    return compile_seconds() - self._c
+
+  def elapsed(self) -> float:
+    return max(time.perf_counter() - self._t - self.compile_s(), 0.0)
 
 
 def to_host(metrics: Mapping[str, Any]) -> dict:

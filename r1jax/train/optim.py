@@ -34,11 +34,19 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
+def validate(ocfg, name: str = "optimizer") -> None:
+  """ValueError naming the field (as `name`.field) of an optimizer config no run could use."""
   for field in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                 "router_bias_update_rate"):
     if ocfg[field] < 0:
-      raise ValueError(f"optimizer config field {field!r} must be >= 0, got {ocfg[field]}")
+      raise ValueError(f"{name} config field {field!r} must be >= 0, got {ocfg[field]}")
+  for field in ("b1", "b2"):
+    if not 0 <= ocfg[field] < 1:
+      raise ValueError(f"{name} config field {field!r} must lie in [0, 1), got {ocfg[field]}")
+
+
+def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
+  validate(ocfg)
   if total_steps < 1:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
   warmup = min(int(ocfg.warmup_steps), max(total_steps - 1, 0))

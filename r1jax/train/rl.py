@@ -82,6 +82,7 @@ def grpo_defaults() -> ml_collections.ConfigDict:
 
 
 def validate(gcfg) -> None:
+  """ValueError naming the first grpo config field that no run could use."""
   for field in ("steps", "prompts_per_step", "G", "max_new_tokens", "mu", "minibatches",
                 "max_prompt_len", "logprob_chunk", "checkpoint_every"):
     if gcfg[field] < 1:
@@ -100,8 +101,20 @@ def validate(gcfg) -> None:
                      f"got {gcfg.kl!r}")
   if gcfg.temperature <= 0:
     raise ValueError("grpo config field 'temperature' must be > 0 (GRPO samples)")
-  if gcfg.beta < 0:
-    raise ValueError(f"grpo config field 'beta' must be >= 0, got {gcfg.beta}")
+  for field in ("beta", "epsilon_low", "epsilon_high", "max_refills", "ref_reset_every",
+                "reward_workers"):
+    if gcfg[field] < 0:
+      raise ValueError(f"grpo config field {field!r} must be >= 0, got {gcfg[field]}")
+  if not 0 <= gcfg.top_p <= 1:
+    raise ValueError(f"grpo config field 'top_p' must lie in [0, 1] (1 = off), got {gcfg.top_p}")
+  if gcfg.top_k < 0:
+    raise ValueError(f"grpo config field 'top_k' must be >= 0 (0 = off), got {gcfg.top_k}")
+  if not gcfg.reward_timeout_s > 0:
+    raise ValueError(f"grpo config field 'reward_timeout_s' must be > 0, "
+                     f"got {gcfg.reward_timeout_s}")
+  if gcfg.max_to_keep < 1:
+    raise ValueError(f"grpo config field 'max_to_keep' must be >= 1, got {gcfg.max_to_keep}")
+  optim.validate(gcfg.optimizer, "grpo.optimizer")
 
 
 # ============================================================================ jitted pieces
@@ -229,6 +242,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   """Runs gcfg.steps GRPO steps from `params`; returns (params, info). Resumes if possible.
 
   stop_after: return after this many steps of this call (tests use it to interrupt a run).
+  info's sample_s / verify_s / train_s sum each phase's seconds over all steps, restarts
+  included, less compilation (metrics.WorkClock): what the steps cost, not the restarts.
   mesh / param_rules: parameters, optimizer state and minibatches laid out as in
   `sharding` (batch over the batch axes), rollouts sharded likewise; None: one device.
   """
@@ -267,23 +282,25 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       failures_before = scorer.failures
       # ---------------------------------------------------------------- sample + score
       t0 = time.perf_counter()
+      compile_before = metrics_lib.compile_seconds()
       groups, tries = [], 0
       verify_s = 0.0
       n_sampled = n_tokens = 0
+      clock = metrics_lib.WorkClock()
       dparams = sampler.prepare(state["params"])  # the decode layout, once per step's weights
-      sample_s = time.perf_counter() - t0
+      sample_s = clock.elapsed()
       while True:
         batch = next(it)
-        ts = time.perf_counter()
+        clock.start()
         out, texts = rollout(sampler, dparams, gcfg, batch, jax.random.fold_in(step_key, tries),
                              tokenizer)
         prompts = [p for p in batch.prompts for _ in range(gcfg.G)]
         examples = [e for e in batch.examples for _ in range(gcfg.G)]
         handle = scorer.submit(prompts, texts, examples)
-        sample_s += time.perf_counter() - ts
-        tv = time.perf_counter()
+        sample_s += clock.elapsed()
+        clock.start()
         rewards = np.asarray(Scorer.result(handle), np.float64)
-        verify_s += time.perf_counter() - tv
+        verify_s += clock.elapsed()
         n_sampled += len(texts)
         n_tokens += int(np.asarray(out.lengths).sum())
         groups.append((out, texts, rewards))
@@ -303,7 +320,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       else:
         rows["ref_logp"] = np.zeros_like(rows["old_logp"])
       # ---------------------------------------------------------------- mu epochs of updates
-      tt = time.perf_counter()
+      clock.start()
       mb_size = n_rows // gcfg.minibatches
       ms = []
       for epoch in range(gcfg.mu):
@@ -318,7 +335,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       if gcfg.ref_reset_every and (step + 1) % gcfg.ref_reset_every == 0:
         state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
       m_host = {k: float(np.mean([float(x[k]) for x in ms])) for k in ms[0]}
-      train_s = time.perf_counter() - tt
+      train_s = clock.elapsed()
       step += 1
       # ---------------------------------------------------------------- metrics
       times["sample_s"] += sample_s
@@ -331,6 +348,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
           train_tokens_per_s=gcfg.mu * int(rows["mask"].sum()) / max(train_s, 1e-9),
           time_sample_s=sample_s, time_verify_s=verify_s, time_train_s=train_s,
           step_time_s=time.perf_counter() - t0, sampled=n_sampled,
+          time_compile_s=metrics_lib.compile_seconds() - compile_before,
           reward_failures=scorer.failures - failures_before,
           **{f"total_{k}": v for k, v in times.items()})
       check_finite(step, m_host)

@@ -8,7 +8,6 @@ GRPO. A run is resumable: killed at any point, `train` picks up from the latest 
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,17 @@ def sft_defaults() -> ml_collections.ConfigDict:
   c.max_to_keep = 2
   c.optimizer = optim.optimizer_defaults()
   return c
+
+
+def validate(scfg) -> None:
+  """ValueError naming the first sft config field that no run could use."""
+  for field in ("num_traces", "steps", "batch_size", "checkpoint_every", "max_to_keep"):
+    if scfg[field] < 1:
+      raise ValueError(f"sft config field {field!r} must be >= 1, got {scfg[field]}")
+  if scfg.seq_len < 2:
+    raise ValueError(f"sft config field 'seq_len' must be >= 2 (a token and its successor), "
+                     f"got {scfg.seq_len}")
+  optim.validate(scfg.optimizer, "sft.optimizer")
 
 
 def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
@@ -63,10 +73,12 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   """Trains on `examples`' traces; returns (params, info dict).
 
   steps: number of optimizer steps (default scfg.steps). time_budget_s: stop early once this
-  much wall-clock training time is spent (the SFT control arm). The run lives in
+  much training time is spent (the SFT control arm); training time is wall-clock time in
+  the steps less compilation (metrics.WorkClock), so a restarted run is not charged twice. The run lives in
   workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes. mesh / param_rules:
   parameters, optimizer state and batches laid out as in `sharding`; None: one device.
   """
+  validate(scfg)
   total = int(steps if steps is not None else scfg.steps)
   run_dir = os.path.join(workdir, name)
   ds = data_lib.sft_dataset(task, examples, tokenizer, seq_len=scfg.seq_len,
@@ -90,6 +102,7 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   bar = metrics_lib.ProgressBar(total, ("loss", "nll"), initial=start_step, desc=name,
                                 disable=not progress)
   step = start_step
+  clock = metrics_lib.WorkClock()
 
   def emit(item):
     if item is not None:
@@ -100,11 +113,11 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
 
   try:
     while step < total and (time_budget_s is None or elapsed < time_budget_s):
-      t0 = time.perf_counter()
+      clock.start()
       batch = sharding.place_batch(next(it), mesh, param_rules)
       state, m = train_step(state, batch)
       jax.block_until_ready(state["step"])
-      elapsed += time.perf_counter() - t0
+      elapsed += clock.elapsed()
       step += 1
       m = dict(m, elapsed_s=elapsed)
       emit(late.push(step, m))
