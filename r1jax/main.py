@@ -29,12 +29,10 @@ def main(argv):
     raise app.UsageError(f"config field 'mode' is {cfg.mode!r}; expected one of {sorted(MODES)}")
   if cfg.mode != "inspect" and not _WORKDIR.value:
     raise app.UsageError(f"mode {cfg.mode!r} needs --workdir")
-  if cfg.mode != "inspect":
-    try:
-      experiment.validate(cfg)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
-  MODES[cfg.mode](cfg, _WORKDIR.value)
+  try:
+    MODES[cfg.mode](cfg, _WORKDIR.value)  # every mode validates its whole config first
+  except experiment.ConfigError as e:
+    sys.exit(f"error: {e}")
 
 
 def run_main(argv=None):

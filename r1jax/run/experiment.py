@@ -82,20 +82,33 @@ def _check_field_exists(cfg, field: str) -> None:
     node, parent = node[key], ".".join(field.split(".")[:i + 1])
 
 
+class ConfigError(ValueError):
+  """A config field no stage can use; the message names it (main prints it, no traceback)."""
+
+
 def validate(cfg) -> None:
   """Checks every stage's config (sft, grpo, eval) and the sequence lengths against the
   model's positions, so that every mode stops before any work on a field no stage could use;
-  ValueError names the field."""
+  ConfigError names the field."""
+  try:
+    _validate(cfg)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _validate(cfg) -> None:
   sft.validate(cfg.sft)
   rl.validate(cfg.grpo)
   eval_lib.validate(cfg.eval)
   max_pos = cfg.model.max_position_embeddings
   if cfg.sft.seq_len > max_pos:
-    raise ValueError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
+    raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
                      f"model.max_position_embeddings ({max_pos})")
   width = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
   if width > max_pos:
-    raise ValueError(f"config fields 'grpo.max_prompt_len' + 'grpo.max_new_tokens' ({width}) "
+    raise ConfigError(f"config fields 'grpo.max_prompt_len' + 'grpo.max_new_tokens' ({width}) "
                      f"exceed model.max_position_embeddings ({max_pos})")
 
 
