@@ -30,12 +30,16 @@ run_suite() {  # run_suite VENV [pytest args]: pytest's exit code; 5 (no test co
   return "$rc"
 }
 
+is_py312() {  # a runnable Python 3.12 (a pyenv shim for an inactive version is not)
+  "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1
+}
+
 find_py312() {
   if [ -n "${PY312:-}" ]; then [ "$PY312" = none ] || echo "$PY312"; return; fi
-  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
   local p
-  for p in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
-    [ -x "$p" ] && { echo "$p"; return; }
+  for p in "$(command -v python3.12 2>/dev/null)" \
+           "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    [ -n "$p" ] && is_py312 "$p" && { echo "$p"; return; }
   done
 }
 
