@@ -163,6 +163,32 @@ def test_every_dispatch_equals_the_oracle():
   assert moe.expert_capacity(8, sixteen) == 4 and moe.expert_capacity(16, sixteen) == 8
 
 
+def test_sparse_dispatch_gradients_equal_the_dense_oracle():
+  """The gradients of 'grouped' (any tile size) and 'ragged' with respect to the expert
+  weights, the tokens and the gate weights equal 'dense''s, with a token choosing one expert
+  twice, empty experts and dropped assignments."""
+  cfg = _router_cfg(hidden_size=16, moe_intermediate_size=12)
+  experts, _ = _experts()
+  t = 29
+  x = jax.random.normal(jax.random.key(3), (t, 16))
+  idx = jax.random.randint(jax.random.key(4), (t, 2), 0, 5).at[0].set(jnp.array([1, 1]))
+  idx = idx.at[1:, 1].set(jnp.where(jnp.arange(t - 1) % 4 == 0, 8, idx[1:, 1]))
+  w = jax.random.uniform(jax.random.key(5), (t, 2))
+  cot = jax.random.normal(jax.random.key(6), (t, 16))
+
+  def grads(fn):
+    loss = lambda e, x, w: jnp.vdot(fn(e, x, idx, w, cfg), cot)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(experts, x, w)
+  want = grads(moe.dense_dispatch)
+  runs = {"ragged": moe.ragged_dispatch, "grouped": moe.grouped_dispatch,
+          "grouped tile=3": functools.partial(moe.grouped_dispatch, tile=3)}
+  for name, fn in runs.items():
+    got = grads(fn)
+    for g, ref in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-4,
+                                 err_msg=name)
+
+
 def test_unknown_dispatch_names_the_registered_ones():
   import pytest
   with pytest.raises(ValueError, match="registered: .*capacity.*dense.*grouped.*ragged"):
