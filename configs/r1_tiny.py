@@ -26,6 +26,9 @@ def get_config(arg=None):
   c.mode = a.mode
   c.seed = a.seed
   c.control = True
+  # Training runs on one device; rollouts (GRPO sampling, evaluation) run one decode loop per
+  # device of this mesh, and `r1jax.main` makes one host device per CPU core.
+  c.rollout_mesh = {"data": -1}
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"

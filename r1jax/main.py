@@ -5,12 +5,21 @@ and notebooks import too.
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# One host device per core, set before JAX is imported (an XLA_FLAGS that names a count is
+# kept): on a CPU host, rollouts on a rollout mesh such as {'data': -1} then run one decode
+# loop per core. Training without a mesh still runs on one device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+      os.environ.get("XLA_FLAGS", ""),
+      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"]))
 
-from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline, sft
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline, sft  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")

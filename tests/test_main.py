@@ -160,3 +160,15 @@ def test_malformed_jsonl_line_stops_at_start_up(tmp_path):
   assert proc.returncode != 0
   assert f"{path}:3: invalid JSON" in proc.stderr
   assert not os.path.exists(workdir / "sft")
+
+
+def test_main_makes_one_host_device_per_core_unless_xla_flags_name_a_count():
+  code = "import r1jax.main, jax; print(jax.device_count())"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  run = lambda e: subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e,
+                                 capture_output=True, text=True, timeout=120)
+  out = _ok(run(env)).stdout.split()[-1]
+  assert int(out) == os.cpu_count()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+  assert int(_ok(run(env)).stdout.split()[-1]) == 3

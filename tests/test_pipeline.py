@@ -167,3 +167,16 @@ def test_mesh_of_reads_the_config_field():
   cfg.mesh = ml_collections.ConfigDict({"dp": 2})
   with pytest.raises(ValueError, match="unknown mesh axes"):
     experiment.mesh_of(cfg)
+
+
+def test_rollout_mesh_defaults_to_the_training_mesh_and_is_validated():
+  cfg = tiny_runs.load_config()
+  assert experiment.rollout_mesh_of(cfg) is None
+  cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 2})
+  assert experiment.rollout_mesh_of(cfg).shape["fsdp"] == 2
+  cfg.rollout_mesh = ml_collections.ConfigDict({"data": -1})
+  assert experiment.rollout_mesh_of(cfg).shape["data"] == len(jax.devices())
+  assert experiment.mesh_of(cfg).shape["fsdp"] == 2
+  cfg.rollout_mesh = ml_collections.ConfigDict({"dp": 2})
+  with pytest.raises(experiment.ConfigError, match="'rollout_mesh': unknown mesh axes"):
+    experiment.validate(cfg)

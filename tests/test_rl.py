@@ -292,9 +292,14 @@ def test_sharded_step_equals_one_device(built, one_step, tmp_path):
   assert calls == want_calls
   assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(got)), "no parameter was sharded"
-  lr = gcfg.optimizer.lr
-  assert gcfg.optimizer.warmup_steps == 0 and gcfg.optimizer.weight_decay == 0  # step 1: lr
-  got, want, start = _leaves(got), _leaves(want), _leaves(params)
+  _assert_same_first_adam_step(got, want, params, gcfg.optimizer)
+
+
+def _assert_same_first_adam_step(got, want, start, ocfg):
+  """got and want are one Adam step from start, equal up to gradient reduction order."""
+  lr = ocfg.lr
+  assert ocfg.warmup_steps == 0 and ocfg.weight_decay == 0  # step 1 moves by about lr
+  got, want, start = _leaves(got), _leaves(want), _leaves(start)
   stable_elements = 0
   for k in want:
     moved = np.abs(want[k] - start[k])
@@ -304,3 +309,21 @@ def test_sharded_step_equals_one_device(built, one_step, tmp_path):
     np.testing.assert_allclose(got[k][stable], want[k][stable], atol=1e-5, rtol=1e-4, err_msg=k)
     assert np.all(np.abs(got[k] - want[k]) <= 2 * lr + 1e-6), k
   assert stable_elements > 0.5 * sum(v.size for v in want.values())
+
+
+def test_rollouts_on_their_own_mesh_equal_one_device(built, one_step, tmp_path):
+  """Rollouts on a data mesh of 4 host devices (one decode loop per device) while training
+  stays on one device: the same completions, rewards and step as all on one device."""
+  from r1jax import sharding
+  cfg, _, tokenizer, model_cfg, params = built
+  calls = []
+  task = _parity_task(cfg, calls)
+  gcfg = copy.deepcopy(cfg.grpo)
+  gcfg.steps = 1
+  got, _ = rl.train(model_cfg, gcfg, str(tmp_path), task=task, tokenizer=tokenizer,
+                    params=params, task_name=cfg.task.name, seed=cfg.seed, progress=False,
+                    rollout_mesh=sharding.make_mesh({"data": 4}, jax.devices()[:4]))
+  _, want, _, want_calls = one_step
+  assert calls == want_calls
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(got))
+  _assert_same_first_adam_step(got, want, params, gcfg.optimizer)

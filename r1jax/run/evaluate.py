@@ -13,7 +13,7 @@ def run(cfg, workdir: str) -> dict:
   task, tokenizer, model_cfg = experiment.build(cfg)
   params = experiment.latest_params(cfg, workdir, model_cfg)
   result = evaluate.evaluate(params, model_cfg, task, tokenizer, cfg.eval, seed=cfg.seed,
-                             mesh=experiment.mesh_of(cfg))
+                             mesh=experiment.rollout_mesh_of(cfg))
   print(json.dumps(result, indent=2))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "eval.json"), "w") as f:

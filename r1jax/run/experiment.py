@@ -99,6 +99,12 @@ def validate(cfg) -> None:
 
 
 def _validate(cfg) -> None:
+  for field in ("mesh", "rollout_mesh"):
+    if cfg.get(field):
+      try:
+        sharding.make_mesh(dict(cfg[field]))
+      except ValueError as e:
+        raise ConfigError(f"config field {field!r}: {e}") from None
   sft.validate(cfg.sft)
   rl.validate(cfg.grpo)
   eval_lib.validate(cfg.eval)
@@ -157,6 +163,18 @@ def mesh_of(cfg):
   shape = cfg.get("mesh")
   if not shape:
     return None
+  return sharding.make_mesh(dict(shape))
+
+
+def rollout_mesh_of(cfg):
+  """The mesh rollouts run on (GRPO's sampling, evaluation): `cfg.rollout_mesh` when set,
+  else the training mesh (`mesh_of`). A rollout mesh of its own, e.g. {'data': -1} with
+  training on one device, runs one rollout per device: on a CPU host (with one host device
+  per core, as `r1jax.main` sets up) the decode loop's small ops then use every core,
+  which one device's loop does not."""
+  shape = cfg.get("rollout_mesh")
+  if not shape:
+    return mesh_of(cfg)
   return sharding.make_mesh(dict(shape))
 
 

@@ -19,7 +19,7 @@ def run(cfg, workdir: str):
     params = experiment.init_params(model_cfg, cfg.seed, mesh)
   out = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
                  task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
-                 mesh=mesh)
+                 mesh=mesh, rollout_mesh=experiment.rollout_mesh_of(cfg))
   metrics.plot_curves(os.path.join(workdir, "grpo"), ["reward_mean", "accuracy", "format_rate"],
                       "curves.png")
   return out

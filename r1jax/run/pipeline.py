@@ -69,7 +69,7 @@ def run(cfg, workdir: str) -> dict:
   print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
         f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
 
-  mesh = experiment.mesh_of(cfg)
+  mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
   params0 = experiment.init_params(model_cfg, cfg.seed, mesh)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   # -------------------------------------------------------------------- 1. cold start
@@ -79,17 +79,17 @@ def run(cfg, workdir: str) -> dict:
   stages["sft"] = sft_info
   _save_stages(workdir, stages)
   before = _evaluate(stages, "eval_sft", workdir, params_sft, model_cfg, task, tokenizer, cfg.eval,
-                     cfg.seed, mesh)
+                     cfg.seed, rollout_mesh)
   # -------------------------------------------------------------------- 2. GRPO
   params_grpo, grpo_info = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer,
                                     params=params_sft, task_name=cfg.task.name,
                                     task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
-                                    mesh=mesh)
+                                    mesh=mesh, rollout_mesh=rollout_mesh)
   grpo_time = grpo_info["sample_s"] + grpo_info["verify_s"] + grpo_info["train_s"]
   stages["grpo"] = grpo_info
   _save_stages(workdir, stages)
   after = _evaluate(stages, "eval_grpo", workdir, params_grpo, model_cfg, task, tokenizer, cfg.eval,
-                    cfg.seed, mesh)
+                    cfg.seed, rollout_mesh)
   # -------------------------------------------------------------------- 3. SFT control
   control = None
   if cfg.control:
@@ -102,7 +102,7 @@ def run(cfg, workdir: str) -> dict:
     stages["sft_control"] = dict(ctrl_info, time_budget_s=grpo_time)
     _save_stages(workdir, stages)
     control = _evaluate(stages, "eval_sft_control", workdir, params_ctrl, model_cfg, task,
-                        tokenizer, cfg.eval, cfg.seed, mesh)
+                        tokenizer, cfg.eval, cfg.seed, rollout_mesh)
   # -------------------------------------------------------------------- summary
   wall = stages["wall_time_before_s"] + (time.time() - t_start)
   summary = {

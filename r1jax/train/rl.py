@@ -238,7 +238,8 @@ def _group_std(rewards, g):
 
 def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: str = "",
           task_kwargs: dict | None = None, seed: int = 0, name: str = "grpo",
-          progress: bool = True, stop_after: int | None = None, mesh=None, param_rules=None):
+          progress: bool = True, stop_after: int | None = None, mesh=None, param_rules=None,
+          rollout_mesh=None):
   """Runs gcfg.steps GRPO steps from `params`; returns (params, info). Resumes if possible.
 
   stop_after: return after this many steps of this call (tests use it to interrupt a run).
@@ -246,6 +247,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   included, less compilation (metrics.WorkClock): what the steps cost, not the restarts.
   mesh / param_rules: parameters, optimizer state and minibatches laid out as in
   `sharding` (batch over the batch axes), rollouts sharded likewise; None: one device.
+  rollout_mesh: the rollouts' own mesh instead (the weights are placed there once per step).
   """
   validate(gcfg)
   run_dir = os.path.join(workdir, name)
@@ -268,7 +270,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
     times = dict(restored.data_state["times"])
   update = make_update_step(model_cfg, gcfg, optimizer)
   ref_logprobs = make_ref_logprobs(model_cfg, gcfg)
-  sampler = sampler_lib.Sampler(model_cfg, mesh, param_rules)
+  sampler = sampler_lib.Sampler(model_cfg, mesh if rollout_mesh is None else rollout_mesh,
+                                param_rules)
   scorer = Scorer(task_name, task_kwargs or {}, task, gcfg.reward_workers, gcfg.reward_timeout_s)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start if start else None)
   bar = metrics_lib.ProgressBar(gcfg.steps, ("reward_mean", "accuracy", "kl_ref"),
