@@ -10,6 +10,7 @@ for the same model. When torch and transformers are installed, it writes the wei
 
     python experiments/bench_sampler.py [--out experiments/results/bench_sampler.json]
         [--batches 16,64] [--prompt_len 32] [--new_tokens 128] [--repeats 3] [--no_hf]
+        [--experiment configs/r1_tiny.py]  # that run's model instead of a preset
 
 With more than one core, the greedy run is repeated with the batch split over a data mesh
 of one host device per core (each shard an independent rollout), as GRPO's rollouts would
@@ -49,6 +50,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from r1jax import sharding  # noqa: E402
 from r1jax.model import decoder, hf, presets  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
+
+
+def experiment_model(path: str):
+  """The model config an experiment config file trains (`experiment.build`), without MTP."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from r1jax.run import experiment
+  cfg = experiment.build(module.get_config())[2]
+  cfg.mtp_depth = 0
+  return cfg
 
 
 def _summary(times: list[float], n_tokens: int) -> dict:
@@ -119,10 +132,17 @@ def main(argv=None) -> dict:
   ap.add_argument("--new_tokens", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--preset", default="small")
+  ap.add_argument("--experiment", default=None,
+                  help="take the model from this experiment config file (e.g. "
+                       "configs/r1_tiny.py: its model, its tokenizer's vocabulary) over --preset")
   ap.add_argument("--no_hf", action="store_true", help="skip the HF transformers baseline")
   args = ap.parse_args(argv)
 
-  cfg = presets.get(args.preset, mtp_depth=0)
+  if args.experiment:
+    cfg = experiment_model(args.experiment)
+    args.preset = os.path.relpath(args.experiment)
+  else:
+    cfg = presets.get(args.preset, mtp_depth=0)
   params = jax.device_put(decoder.init_params(cfg, jax.random.key(0)))
   n_params = decoder.count_params(cfg)["total"]
   cache = sampler.cache_bytes_per_token(cfg)
