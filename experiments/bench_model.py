@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from r1jax.train import losses
+
+import bench_common
 
 from r1jax.model import decoder, presets
 
@@ -30,27 +29,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (after one warm
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_model.json", "JSON output path.")
 
 
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
-  """fp32 FLOP/s of one jitted n x n matmul on this machine."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  sec = _time(jax.jit(jnp.matmul), a, b, repeats=repeats)
-  return 2 * n ** 3 / sec
-
-
 def main(argv):
   del argv
-  ceiling = matmul_ceiling()
+  ceiling = bench_common.matmul_ceiling(2048)
   results = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}",
              "jax": jax.__version__, "variant": _VARIANT.value, "batch": _BATCH.value,
              "seq": _SEQ.value, "attention_impl": _ATTN.value,
@@ -68,8 +49,8 @@ def main(argv):
       s, n, _ = losses.lm_loss(p, t, cfg)
       return s / n
     fwd_bwd = jax.jit(jax.value_and_grad(loss))
-    t_fwd = _time(fwd, params, tokens, repeats=_REPEATS.value)
-    t_train = _time(fwd_bwd, params, tokens, repeats=_REPEATS.value)
+    t_fwd = bench_common.median_seconds(fwd, params, tokens, repeats=_REPEATS.value)
+    t_train = bench_common.median_seconds(fwd_bwd, params, tokens, repeats=_REPEATS.value)
     for name, sec, f in (("forward", t_fwd, flops["forward"]),
                          ("forward_backward", t_train, flops["train"])):
       run = {"moe_impl": impl, "pass": name, "seconds": sec, "tokens_per_s": n_tok / sec,

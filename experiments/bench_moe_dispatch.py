@@ -43,6 +43,8 @@ from r1jax.model import config as config_lib
 from r1jax.model import moe
 from r1jax.model.layers import fuse_swiglu
 
+import bench_common
+
 DISPATCHES = ("pallas", "grouped", "ragged", "dense")
 
 
@@ -117,16 +119,6 @@ def _dense_matmul(s: Shapes, dtype):
   return (fwd, (x, w)), (fwd_bwd, (x, w, cot))
 
 
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
 def _tiling(backend, m, k, n, dtype):
   """The tiles gmm picks for an [m, k] x [k, n] product (tiling=None)."""
   return dataclasses.asdict(fit_tiling(default_tiling(backend, dtype), m, k, n, backend, dtype))
@@ -165,7 +157,7 @@ def bench_set(name, s: Shapes, dtype, kernels, interpret, repeats, with_oracle):
     del out, grads
     for pass_name, fn, fn_args in (("forward", fwd, (args, group_sizes)),
                                    ("forward_backward", fwd_bwd, (args, group_sizes, cot))):
-      sec = _time(fn, *fn_args, repeats=repeats)
+      sec = bench_common.median_seconds(fn, *fn_args, repeats=repeats)
       rows.append({"impl": impl, "pass": pass_name, "seconds": sec,
                    "useful_tflops_per_s": flops[pass_name] / sec / 1e12,
                    "max_err_vs_reference_rms": err})
@@ -174,7 +166,7 @@ def bench_set(name, s: Shapes, dtype, kernels, interpret, repeats, with_oracle):
   (fwd, fwd_args), (fwd_bwd, bwd_args) = _dense_matmul(s, dtype)
   for pass_name, fn, fn_args in (("forward", fwd, fwd_args),
                                  ("forward_backward", fwd_bwd, bwd_args)):
-    sec = _time(fn, *fn_args, repeats=repeats)
+    sec = bench_common.median_seconds(fn, *fn_args, repeats=repeats)
     rows.append({"impl": "dense_matmul", "pass": pass_name, "seconds": sec,
                  "useful_tflops_per_s": flops[pass_name] / sec / 1e12})
     print(f"{name:12s} {'dense_matmul':14s} {pass_name:17s} {sec * 1e3:10.2f} ms "
@@ -212,7 +204,7 @@ def bench_dispatch(name, s: Shapes, dtype, pallas_backend, repeats, dropped=0.05
     err = max(float(_max_rel_err(a, b)) for a, b in zip(got, ref))
     for pass_name, f, f_args in (("forward", fwd, (experts, x)),
                                  ("forward_backward", fwd_bwd, (experts, x, cot))):
-      sec = _time(f, *f_args, repeats=repeats)
+      sec = bench_common.median_seconds(f, *f_args, repeats=repeats)
       rows.append({"impl": impl, "pass": pass_name, "seconds": sec,
                    "useful_tflops_per_s": flops[pass_name] / sec / 1e12,
                    "max_err_vs_dense_rms": err})

@@ -47,21 +47,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_common  # noqa: E402
 from r1jax import sharding  # noqa: E402
 from r1jax.model import decoder, hf, presets  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
-
-
-def experiment_model(path: str):
-  """The model config an experiment config file trains (`experiment.build`), without MTP."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench_experiment_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  from r1jax.run import experiment
-  cfg = experiment.build(module.get_config())[2]
-  cfg.mtp_depth = 0
-  return cfg
 
 
 def _summary(times: list[float], n_tokens: int) -> dict:
@@ -139,7 +128,7 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
 
   if args.experiment:
-    cfg = experiment_model(args.experiment)
+    cfg = bench_common.experiment_model(args.experiment)
     args.preset = os.path.relpath(args.experiment)
   else:
     cfg = presets.get(args.preset, mtp_depth=0)

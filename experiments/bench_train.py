@@ -49,7 +49,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import bench_common  # noqa: E402
 from r1jax import sharding  # noqa: E402
 from r1jax.model import decoder, hf, presets  # noqa: E402
 from r1jax.train import optim, sft  # noqa: E402
@@ -64,27 +66,8 @@ def shape_config(name: str):
                       num_experts_per_tok=4, mtp_depth=0, max_position_embeddings=256)
     return cfg, 8, 256
   if name == "r1_tiny":
-    from configs import r1_tiny
-    from r1jax.run import experiment
-    _, _, cfg = experiment.build(r1_tiny.get_config())
-    return cfg, 16, 128
+    return bench_common.experiment_model(os.path.join(REPO, "configs", "r1_tiny.py")), 16, 128
   raise ValueError(f"unknown shape {name!r}; known: v3_small, r1_tiny")
-
-
-def matmul_ceiling(n: int = 1024, repeats: int = 5) -> float:
-  """fp32 FLOP/s of a jitted n x n matmul on this machine (best of repeats)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  jax.block_until_ready(f(a, b))
-  best = min(_timed(lambda: jax.block_until_ready(f(a, b))) for _ in range(repeats))
-  return 2 * n ** 3 / best
-
-
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
 
 
 def r1jax_runner(cfg, params, tokens_BxL, mesh=None):
@@ -175,7 +158,7 @@ def bench_shape(name: str, impls, attentions, repeats: int, with_hf: bool, ceili
         for n in sorted({1, out["hf_versions"]["default_threads"]}):
           fn = hf_runner(model, tokens, n)
           fn()
-          threads[n] = min(_timed(fn) for _ in range(2))
+          threads[n] = min(bench_common.seconds(fn) for _ in range(2))
         # the thread probe trained the model: reload so step 1's loss is comparable
         model, _ = load_hf(cfg, params, tmp)
         best = min(threads, key=threads.get)
@@ -190,7 +173,7 @@ def bench_shape(name: str, impls, attentions, repeats: int, with_hf: bool, ceili
     times = {key: [] for key in runners}
     for _ in range(repeats):
       for key, fn in runners.items():
-        times[key].append(_timed(fn))
+        times[key].append(bench_common.seconds(fn))
     for key in runners:
       med = float(np.median(times[key]))
       out["runs"][key].update(seconds=times[key], median_s=med, tokens_per_s=n_tok / med,
@@ -227,7 +210,7 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
   if args.repeats < 1:
     ap.error("--repeats must be at least 1")
-  ceiling = matmul_ceiling()
+  ceiling = bench_common.matmul_ceiling()
   results = {"host": {"python": platform.python_version(), "jax": jax.__version__,
                       "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
                       "devices": len(jax.devices()),

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402
 import bench_train  # noqa: E402
 from r1jax.model import decoder, layers, mla, moe  # noqa: E402
-from r1jax.train import losses  # noqa: E402
-
-
-def _median_time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+from r1jax.train import losses, optim  # noqa: E402
 
 
 def _vjp_timer(f, *args):
@@ -65,59 +55,51 @@ def profile(shape: str, impls, attentions, repeats: int) -> dict:
   x_BxLxD = jax.random.normal(key, (b, l, cfg.hidden_size), jnp.float32)
   positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   mask = decoder.attention_mask(positions, jnp.ones((b, l), jnp.int32))
-  valid = jnp.ones((b, l), bool)
   n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
   n_dense = cfg.first_k_dense_replace
   dense_p = jax.tree.map(lambda a: a[0], params["dense_layers"])
   moe_p = jax.tree.map(lambda a: a[0], params["moe_layers"])
   parts = {}
 
+  def part(name: str, count: int, f, *args):
+    """Records the median fwd+bwd seconds of f(*args), run `count` times per step."""
+    parts[f"{name} (x{count})"] = (count, bench_common.median_seconds(_vjp_timer(f, *args), *args,
+                                                                      repeats=repeats))
+
   for attn in attentions:
-    f = lambda p, x, attn=attn: mla.attention(mla.compute_layout(p, cfg), x, positions, mask, cfg,
-                                             attn)[0]
-    parts[f"attention_{attn} (x{cfg.num_hidden_layers})"] = (
-        cfg.num_hidden_layers, _median_time(_vjp_timer(f, moe_p["attn"], x_BxLxD),
-                                            (moe_p["attn"], x_BxLxD), repeats))
-  f = lambda p, x: layers.swiglu(x, layers.fuse_swiglu(p))
-  parts[f"dense_ffn (x{n_dense})"] = (n_dense, _median_time(
-      _vjp_timer(f, dense_p["mlp"], x_BxLxD), (dense_p["mlp"], x_BxLxD), repeats))
+    part(f"attention_{attn}", cfg.num_hidden_layers,
+         lambda p, x, attn=attn: mla.attention(mla.compute_layout(p, cfg), x, positions, mask,
+                                               cfg, attn)[0], moe_p["attn"], x_BxLxD)
+  ffn = lambda p, x: layers.swiglu(x, layers.fuse_swiglu(p))
+  part("dense_ffn", n_dense, ffn, dense_p["mlp"], x_BxLxD)
   x_TxD = x_BxLxD.reshape(t, -1)
-  f = lambda p, x: moe.route(p, x, cfg)[1]
-  parts[f"router (x{n_moe})"] = (n_moe, _median_time(
-      _vjp_timer(f, moe_p["moe"]["router"], x_TxD), (moe_p["moe"]["router"], x_TxD), repeats))
+  part("router", n_moe, lambda p, x: moe.route(p, x, cfg)[1], moe_p["moe"]["router"], x_TxD)
   idx_TxK, w_TxK, _ = moe.route(moe_p["moe"]["router"], x_TxD, cfg)
   for impl in impls:
     fn = moe.dispatch_fn(impl)
-    f = lambda p, x, w, fn=fn: fn(layers.fuse_swiglu(p), x, idx_TxK, w, cfg)
-    args = (moe_p["moe"]["experts"], x_TxD, w_TxK)
-    parts[f"dispatch_{impl} (x{n_moe})"] = (n_moe, _median_time(_vjp_timer(f, *args), args, repeats))
+    part(f"dispatch_{impl}", n_moe,
+         lambda p, x, w, fn=fn: fn(layers.fuse_swiglu(p), x, idx_TxK, w, cfg),
+         moe_p["moe"]["experts"], x_TxD, w_TxK)
   if "shared" in moe_p["moe"]:
-    f = lambda p, x: layers.swiglu(x, layers.fuse_swiglu(p))
-    parts[f"shared_expert (x{n_moe})"] = (n_moe, _median_time(
-        _vjp_timer(f, moe_p["moe"]["shared"], x_TxD), (moe_p["moe"]["shared"], x_TxD), repeats))
+    part("shared_expert", n_moe, ffn, moe_p["moe"]["shared"], x_TxD)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, l)), jnp.int32)
   head_p = {"lm_head": params["lm_head"], "final_norm": params["final_norm"]}
 
   def head_loss(p, h):
     logits = decoder._head({"lm_head": p["lm_head"], "embed": None}, h, p["final_norm"], cfg)
     return losses.cross_entropy_sum(logits[:, :-1], tokens[:, 1:], jnp.ones((b, l - 1)))[0]
-  parts["head_and_loss (x1)"] = (1, _median_time(jax.jit(jax.value_and_grad(head_loss, (0, 1))),
-                                                 (head_p, x_BxLxD), repeats))
-  runner = bench_train.r1jax_runner(cfg, params, np.asarray(tokens))
-  runner()
-  step_times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    runner()
-    step_times.append(time.perf_counter() - t0)
-  from r1jax.train import optim
+  parts["head_and_loss (x1)"] = (1, bench_common.median_seconds(
+      jax.jit(jax.value_and_grad(head_loss, (0, 1))), head_p, x_BxLxD, repeats=repeats))
+  step_s = bench_common.median_seconds(bench_train.r1jax_runner(cfg, params, np.asarray(tokens)),
+                                       repeats=repeats)
   ocfg = optim.optimizer_defaults()
   opt = optim.make_optimizer(ocfg, 1000)
   opt_state = opt.init(params)
   upd = jax.jit(lambda g, s, p: optim.apply_updates(p, opt.update(g, s, p)[0]))
-  parts["optimizer (x1)"] = (1, _median_time(upd, (params, opt_state, params), repeats))
+  parts["optimizer (x1)"] = (1, bench_common.median_seconds(upd, params, opt_state, params,
+                                                             repeats=repeats))
   out = {"shape": shape, "batch": b, "seq": l, "moe_impl": cfg.moe_impl,
-         "attention_impl": cfg.attention_impl, "step_median_s": float(np.median(step_times)),
+         "attention_impl": cfg.attention_impl, "step_median_s": step_s,
          "parts": {}}
   print(f"{shape}: whole step ({cfg.moe_impl}, {cfg.attention_impl}) "
         f"{1e3 * out['step_median_s']:.1f} ms")
