@@ -74,9 +74,10 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
 
   steps: number of optimizer steps (default scfg.steps). time_budget_s: stop early once this
   much training time is spent (the SFT control arm); training time is wall-clock time in
-  the steps less compilation (metrics.WorkClock), so a restarted run is not charged twice. The run lives in
-  workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes. mesh / param_rules:
-  parameters, optimizer state and batches laid out as in `sharding`; None: one device.
+  the steps less compilation (metrics.WorkClock), so a restarted run is not charged twice.
+  The run lives in workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes.
+  mesh / param_rules: parameters, optimizer state and batches laid out as in `sharding`;
+  None: one device.
   """
   validate(scfg)
   total = int(steps if steps is not None else scfg.steps)
