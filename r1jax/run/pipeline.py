@@ -7,8 +7,13 @@
      same training time GRPO took (its sampling + verifying + training seconds; on both
      sides compilation is not counted, so restarts change neither budget nor spending);
      both evaluated on the same held-out problems.
-Every stage checkpoints and records its result in workdir/stages.json, so a killed run
-restarts where it stopped. The end writes summary.json and pipeline.png.
+Every stage checkpoints and records its result in workdir/stages.json under a fingerprint of
+the config fields it depends on (`plan`, r1jax/run/stages.py): a killed run restarts where it
+stopped; a rerun with a changed field recomputes the stages that depend on it, from scratch
+(their old run directories are moved aside), and reuses the others. The run writes
+config.json first and ends with summary.json, pipeline.png and the config and summary in
+TensorBoard (workdir/tb); each evaluation's figures go to TensorBoard as eval/... at the
+step of the stage it follows (workdir/eval_sft/tb, ...).
 """
 from __future__ import annotations
 
@@ -19,35 +24,46 @@ import time
 
 from r1jax.model import decoder
 from r1jax.run import experiment
+from r1jax.run import stages as stages_lib
 from r1jax.train import evaluate as eval_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import rl, sft
 
-STAGES_FILE = "stages.json"
+_MODEL = ("seed", "task", "model")  # what every stage reads: its data, its model, its keys
 
 
-def _load_stages(workdir):
-  path = os.path.join(workdir, STAGES_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return {}
+def plan(cfg) -> tuple[stages_lib.Stage, ...]:
+  """The pipeline's stages, the config fields each reads and the stages each uses. The SFT
+  control comes after GRPO because its time budget is GRPO's training time."""
+  Stage = stages_lib.Stage
+  out = [Stage("sft", _MODEL + ("sft",), run_dir="sft"),
+         Stage("eval_sft", _MODEL + ("eval",), after=("sft",), run_dir="eval_sft"),
+         Stage("grpo", _MODEL + ("grpo",), after=("sft",), run_dir="grpo"),
+         Stage("eval_grpo", _MODEL + ("eval",), after=("grpo",), run_dir="eval_grpo")]
+  if cfg.control:
+    out += [Stage("sft_control", _MODEL + ("sft",), after=("sft", "grpo"), run_dir="sft_control"),
+            Stage("eval_sft_control", _MODEL + ("eval",), after=("sft_control",),
+                  run_dir="eval_sft_control")]
+  return tuple(out)
 
 
-def _save_stages(workdir, stages):
-  path = os.path.join(workdir, STAGES_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(stages, f, indent=2)
-  os.replace(path + ".tmp", path)
+def _train(book, name, train_fn, extra=None):
+  """Runs (or resumes, or reloads the final checkpoint of) training stage `name`."""
+  if book.result(name) is None:
+    book.start(name)
+  params, info = train_fn()
+  book.finish(name, dict(info, **(extra or {})))
+  return params, info
 
 
-def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, seed, mesh):
-  if key not in stages:
-    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg, seed=seed,
-                                    mesh=mesh)
-    _save_stages(workdir, stages)
-  r = stages[key]
-  print(f"[{key}] held-out pass@1 {r['pass@1']:.3f}  format {r['format_rate']:.3f}")
+def _evaluate(book, name, step, workdir, params, model_cfg, task, tokenizer, ecfg, seed, mesh):
+  r = book.result(name)
+  if r is None:
+    book.start(name)
+    r = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg, seed=seed, mesh=mesh)
+    metrics_lib.log_eval(os.path.join(workdir, name), step, r)
+    book.finish(name, r)
+  print(f"[{name}] held-out pass@1 {r['pass@1']:.3f}  format {r['format_rate']:.3f}")
   return r
 
 
@@ -60,11 +76,8 @@ def run(cfg, workdir: str) -> dict:
     eval_lib.heldout_examples(task, cfg.eval)
   except ValueError as e:
     raise ValueError(f"config field 'eval.num_problems': {e}") from None
-  os.makedirs(workdir, exist_ok=True)
-  stages = _load_stages(workdir)
-  stages.setdefault("wall_time_before_s", 0.0)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  metrics_lib.write_config(workdir, cfg)
+  book = stages_lib.Book(workdir, cfg, plan(cfg))
   counts = decoder.count_params(model_cfg)
   print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
         f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
@@ -72,39 +85,33 @@ def run(cfg, workdir: str) -> dict:
   mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
   params0 = experiment.init_params(model_cfg, cfg.seed, mesh)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  evaluate = lambda name, step, params: _evaluate(book, name, step, workdir, params, model_cfg,
+                                                  task, tokenizer, cfg.eval, cfg.seed,
+                                                  rollout_mesh)
   # -------------------------------------------------------------------- 1. cold start
-  params_sft, sft_info = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer,
-                                   params=params0, examples=traces, seed=cfg.seed, name="sft",
-                                   mesh=mesh)
-  stages["sft"] = sft_info
-  _save_stages(workdir, stages)
-  before = _evaluate(stages, "eval_sft", workdir, params_sft, model_cfg, task, tokenizer, cfg.eval,
-                     cfg.seed, rollout_mesh)
+  params_sft, sft_info = _train(book, "sft", lambda: sft.train(
+      model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params0,
+      examples=traces, seed=cfg.seed, name="sft", mesh=mesh))
+  before = evaluate("eval_sft", sft_info["steps"], params_sft)
   # -------------------------------------------------------------------- 2. GRPO
-  params_grpo, grpo_info = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer,
-                                    params=params_sft, task_name=cfg.task.name,
-                                    task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
-                                    mesh=mesh, rollout_mesh=rollout_mesh)
+  params_grpo, grpo_info = _train(book, "grpo", lambda: rl.train(
+      model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params_sft,
+      task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
+      mesh=mesh, rollout_mesh=rollout_mesh))
   grpo_time = grpo_info["sample_s"] + grpo_info["verify_s"] + grpo_info["train_s"]
-  stages["grpo"] = grpo_info
-  _save_stages(workdir, stages)
-  after = _evaluate(stages, "eval_grpo", workdir, params_grpo, model_cfg, task, tokenizer, cfg.eval,
-                    cfg.seed, rollout_mesh)
+  after = evaluate("eval_grpo", grpo_info["steps"], params_grpo)
   # -------------------------------------------------------------------- 3. SFT control
-  control = None
+  control = ctrl_info = None
   if cfg.control:
     per_step = sft_info["train_time_s"] / max(sft_info["steps"], 1)
     steps = max(1, math.ceil(1.5 * grpo_time / max(per_step, 1e-6)))
-    params_ctrl, ctrl_info = sft.train(model_cfg, cfg.sft, workdir, task=task,
-                                       tokenizer=tokenizer, params=params_sft, examples=traces,
-                                       seed=cfg.seed + 1, steps=steps, time_budget_s=grpo_time,
-                                       name="sft_control", mesh=mesh)
-    stages["sft_control"] = dict(ctrl_info, time_budget_s=grpo_time)
-    _save_stages(workdir, stages)
-    control = _evaluate(stages, "eval_sft_control", workdir, params_ctrl, model_cfg, task,
-                        tokenizer, cfg.eval, cfg.seed, rollout_mesh)
+    params_ctrl, ctrl_info = _train(book, "sft_control", lambda: sft.train(
+        model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params_sft,
+        examples=traces, seed=cfg.seed + 1, steps=steps, time_budget_s=grpo_time,
+        name="sft_control", mesh=mesh), extra={"time_budget_s": grpo_time})
+    control = evaluate("eval_sft_control", ctrl_info["steps"], params_ctrl)
   # -------------------------------------------------------------------- summary
-  wall = stages["wall_time_before_s"] + (time.time() - t_start)
+  wall = book.wall_time_s + (time.time() - t_start)
   summary = {
       "task": cfg.task.name, "seed": cfg.seed, "num_traces": cfg.sft.num_traces,
       "params_total": counts["total"], "params_activated": counts["activated"],
@@ -116,14 +123,15 @@ def run(cfg, workdir: str) -> dict:
       "grpo_time_s": grpo_time, "grpo_time_split_s": {k: grpo_info[k] for k in
                                                       ("sample_s", "verify_s", "train_s")},
       "sft_time_s": sft_info["train_time_s"],
-      "sft_control_time_s": stages.get("sft_control", {}).get("train_time_s"),
-      "sft_control_steps": stages.get("sft_control", {}).get("steps"),
+      "sft_control_time_s": ctrl_info["train_time_s"] if ctrl_info else None,
+      "sft_control_steps": ctrl_info["steps"] if ctrl_info else None,
       "wall_time_s": wall,
   }
-  stages["wall_time_before_s"] = wall
-  _save_stages(workdir, stages)
+  book.wall_time_s = wall
+  book.save()
   metrics_lib.write_summary(workdir, summary)
   plot(workdir, summary)
+  metrics_lib.log_hparams(workdir, cfg.to_dict(), summary)
   print(json.dumps(summary, indent=2))
   return summary
 

@@ -1,20 +1,31 @@
-"""`sft` mode: cold-start SFT on cfg.sft.num_traces traces of the config's task; ends with
-workdir/sft/curves.png (loss and response NLL per step)."""
+"""`sft` mode: cold-start SFT on cfg.sft.num_traces traces of the config's task. Writes
+workdir/config.json first and ends with workdir/sft/summary.json and curves.png (loss and
+response NLL per step)."""
 from __future__ import annotations
 
 import os
+import time
 
+from r1jax.model import decoder
 from r1jax.run import experiment
 from r1jax.train import metrics, sft
+
+CURVES = ("loss", "nll")
 
 
 def run(cfg, workdir: str):
   experiment.validate(cfg)
+  t_start = time.time()
   task, tokenizer, model_cfg = experiment.build(cfg)
+  metrics.write_config(workdir, cfg)
   mesh = experiment.mesh_of(cfg)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   params = experiment.init_params(model_cfg, cfg.seed, mesh)
-  out = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params,
-                  examples=traces, seed=cfg.seed, mesh=mesh)
-  metrics.plot_curves(os.path.join(workdir, "sft"), ["loss", "nll"], "curves.png")
-  return out
+  params, info = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer,
+                           params=params, examples=traces, seed=cfg.seed, mesh=mesh)
+  counts = decoder.count_params(model_cfg)
+  metrics.finish_run(os.path.join(workdir, "sft"), {
+      "task": cfg.task.name, "seed": cfg.seed, "num_traces": cfg.sft.num_traces,
+      "params_total": counts["total"], "params_activated": counts["activated"],
+      **info, "wall_time_s": time.time() - t_start}, config=cfg.to_dict(), curves=CURVES)
+  return params, info

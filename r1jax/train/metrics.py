@@ -2,10 +2,13 @@
 
 Every long run writes into its workdir
   metrics.jsonl   one JSON object per logged step: {"step": 12, "loss": 0.41, ...}
-  tb/             TensorBoard event files (tensorboardX) with the same scalars
+  tb/             TensorBoard event files (tensorboardX) with the same scalars, tagged by
+                  group (tb_tag): train/..., eval/..., time/...; the run's config and final
+                  figures once (log_hparams: the HParams dashboard and a text table)
   summary.json    final figures, written once at the end (write_summary)
   *.png           learning curves drawn from metrics.jsonl (plot_curves)
-so a researcher can read results with `tail`, TensorBoard, or a notebook.
+so a researcher can read results with `tail`, TensorBoard, a notebook, or `python -m
+r1jax.compare` over several runs.
 
 Device values are read one step late (OneStepLate, STYLE.md item 11): the host queues the
 step's metrics and converts the previous step's, which is already computed, so it never
@@ -27,7 +30,24 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
 TB_DIR = "tb"
+HPARAMS_RUN = "hparams"  # the tb/ subdirectory add_hparams writes its session into
+
+
+def is_time_key(key: str) -> bool:
+  """Wall-clock figures: `time_*` (a phase's seconds), `*_s` (seconds: elapsed_s,
+  step_time_s, total_train_s) and `*_per_s` (throughputs)."""
+  return key.startswith("time_") or key.endswith("_s")
+
+
+def tb_tag(key: str, group: str = "train") -> str:
+  """The TensorBoard tag of metric `key` of a run of `group` ('train' for a training stage,
+  'eval' for an evaluation): time/<key> for wall-clock figures (is_time_key), else
+  <group>/<key>; a key that already names its group ('a/b') is kept."""
+  if "/" in key:
+    return key
+  return f"time/{key}" if is_time_key(key) else f"{group}/{key}"
 
 # JAX's own duration events for tracing, lowering and compiling (or reading from the
 # persistent cache) a top-level program; they do not nest.
@@ -136,10 +156,13 @@ class MetricsWriter:
   Each write() is flushed, so a killed run loses at most the line being written. With
   OneStepLate, flush it and write the pending step before saving a checkpoint, or the
   checkpoint step's own line is lost on resume.
+  group: the TensorBoard tag group of the run's metrics (tb_tag); metrics.jsonl keeps the
+  plain keys.
   """
 
   def __init__(self, workdir: str, *, resume_step: Optional[int] = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, group: str = "train"):
+    self.group = group
     if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
       raise ValueError(f"resume_step must be a non-negative int or None; got {resume_step!r}")
     self.workdir = os.fspath(workdir)
@@ -174,7 +197,7 @@ class MetricsWriter:
     if self._tb is not None:
       for key, value in values.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, value, global_step=int(step))
+          self._tb.add_scalar(tb_tag(key, self.group), value, global_step=int(step))
     return values
 
   def flush(self) -> None:
@@ -293,6 +316,117 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
     f.write("\n")
   os.replace(tmp, path)
   return path
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
+  """{'a.b': leaf} of a nested mapping (a summary, a config's to_dict())."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def write_config(workdir: str, cfg) -> str:
+  """Writes <workdir>/config.json, the config as run (an ml_collections ConfigDict); returns
+  its path. Every mode calls it before any work, so even a failed run says what it ran."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def final_values(records: Sequence[Mapping], keys: Iterable[str]) -> dict:
+  """{'final_<key>': value at the last step that logged it} for each key logged at all."""
+  out = {}
+  for key in keys:
+    pts = curve(records, key)
+    if pts:
+      out[f"final_{key}"] = pts[-1][1]
+  return out
+
+
+def _hparam_value(value):
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  return json.dumps(value) if isinstance(value, (list, tuple)) or value is None else str(value)
+
+
+def log_hparams(run_dir: str, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+  """The run's config and final figures in <run_dir>/tb, once per run: the HParams dashboard
+  (a session in tb/hparams, one hparam per flattened config field, one metric per numeric
+  summary figure, tagged hparams/<key>) and a text table of both (tag 'hparams')."""
+  from tensorboardX import SummaryWriter
+  hparams = {k: _hparam_value(v) for k, v in flatten(config).items()}
+  figures = {f"hparams/{k}": float(v) for k, v in flatten(summary).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+  tb_dir = os.path.join(run_dir, TB_DIR)
+  hp_dir = os.path.join(tb_dir, HPARAMS_RUN)
+  if os.path.isdir(hp_dir):  # a rerun's session replaces the last one
+    for name in os.listdir(hp_dir):
+      os.remove(os.path.join(hp_dir, name))
+  rows = [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |"
+          for k, v in sorted(flatten(config).items())]
+  rows += [f"| **{k}** | {v:.6g} |" for k, v in sorted(figures.items())]
+  with SummaryWriter(logdir=tb_dir) as w:
+    w.add_hparams(hparams, figures, name=HPARAMS_RUN)
+    w.add_text("hparams", "| field | value |\n|---|---|\n" + "\n".join(rows))
+
+
+def log_eval(run_dir: str, step: int, result: Mapping[str, Any]) -> dict:
+  """One evaluation's figures as metrics.jsonl line `step` and TensorBoard tags eval/<key> in
+  run_dir (a fresh record: an evaluation runs once per run_dir); returns the host values."""
+  numeric = {k: v for k, v in result.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  with MetricsWriter(run_dir, group="eval") as w:
+    return w.write(step, numeric)
+
+
+def finish_run(run_dir: str, summary: Mapping[str, Any], *, config=None,
+               curves: Sequence[str] = (), out_png: str = "curves.png") -> dict:
+  """The end of a one-stage run: adds final_<key> of each of `curves` that the run logged
+  (final_values), writes <run_dir>/summary.json and out_png (those curves, plot_curves) and,
+  given the config as a dict, logs it with the summary to TensorBoard (log_hparams).
+  Returns the summary written."""
+  records = read_metrics(run_dir)
+  keys = [k for k in curves if curve(records, k)]
+  summary = {**summary, **final_values(records, keys)}
+  write_summary(run_dir, summary)
+  if keys:
+    plot_curves(run_dir, keys, out_png)
+  if config is not None:
+    log_hparams(run_dir, config, summary)
+  return summary
+
+
+def plot_bars(out_png: str, values: Mapping[str, float], *, ylabel: str = "",
+              title: str = "", ylim: Optional[tuple] = None):
+  """One bar per entry of `values` (label -> number), its value printed above; returns the
+  Figure."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  if not values:
+    raise ValueError("plot_bars needs at least one value")
+  fig = Figure(figsize=(max(4.0, 1.2 * len(values)), 3.5), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  labels, heights = list(values), [float(v) for v in values.values()]
+  ax.bar(labels, heights, color="tab:blue")
+  for i, v in enumerate(heights):
+    ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(out_png, format="png")
+  return fig
 
 
 def curve(records: Iterable[Mapping], key: str, x: str = "step") -> list[tuple]:
