@@ -18,6 +18,7 @@ import pytest
 
 from r1jax.model import decoder as model_lib
 from r1jax.model import presets
+from r1jax.run import stages as stages_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = os.path.join(REPO, "configs", "test_tiny.py")
@@ -65,7 +66,7 @@ def test_pipeline_writes_summary_and_plot(pipeline_run):
     assert 0.0 <= summary[key] <= 1.0, key
   assert summary["wall_time_s"] > 0
   assert summary["grpo_time_s"] == pytest.approx(sum(summary["grpo_time_split_s"].values()))
-  stages = json.load(open(workdir / "stages.json"))
+  stages = stages_lib.load_results(str(workdir))
   assert summary["accuracy_before_grpo"] == stages["eval_sft"]["pass@1"]
   assert summary["accuracy_after_grpo"] == stages["eval_grpo"]["pass@1"]
   assert summary["accuracy_sft_control"] == stages["eval_sft_control"]["pass@1"]
@@ -83,10 +84,11 @@ def test_eval_mode_reloads_the_latest_grpo_checkpoint(pipeline_run):
   workdir, _ = pipeline_run
   proc = _ok(run_main(f"--config={TEST_CONFIG}:mode=eval", f"--workdir={workdir}"))
   assert f"loaded grpo checkpoint at step 2 from {workdir}/grpo" in proc.stdout
-  result = json.load(open(workdir / "eval.json"))
+  result = json.load(open(workdir / "eval" / "summary.json"))
   # Greedy decoding of the same parameters on the same problems: the pipeline's own
   # after-GRPO evaluation, figure for figure.
-  assert result == json.load(open(workdir / "stages.json"))["eval_grpo"]
+  expected = stages_lib.load_results(str(workdir))["eval_grpo"]
+  assert {k: result[k] for k in expected} == expected
 
 
 def test_bad_config_field_stops_before_training(tmp_path):

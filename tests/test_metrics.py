@@ -33,20 +33,84 @@ def _tb_scalars(workdir):
 
 def test_jsonl_lines_and_tensorboard(tmp_path):
   with metrics.MetricsWriter(tmp_path) as w:
-    w.write(1, {"loss": jnp.float32(0.5), "reward": 1, "tag": "a"})
+    w.write(1, {"loss": jnp.float32(0.5), "reward": 1, "tag": "a", "time_train_s": 2.0})
     host = w.write(2, {"loss": np.float32(0.25), "reward": jnp.int32(3), "kl": float("nan")})
     assert host == {"loss": 0.25, "reward": 3, "kl": host["kl"]} and np.isnan(host["kl"])
     # flushed after each write: readable before close
     assert len(open(tmp_path / "metrics.jsonl").read().splitlines()) == 2
   lines = open(tmp_path / "metrics.jsonl").read().splitlines()
   assert [json.loads(x) for x in lines] == [
-      {"step": 1, "loss": 0.5, "reward": 1, "tag": "a"},
+      {"step": 1, "loss": 0.5, "reward": 1, "tag": "a", "time_train_s": 2.0},
       {"step": 2, "loss": 0.25, "reward": 3, "kl": None},
   ]
   scalars = _tb_scalars(str(tmp_path))
-  assert ("loss", 1, 0.5) in scalars and ("loss", 2, 0.25) in scalars
-  assert ("reward", 2, 3.0) in scalars
-  assert not any(tag == "tag" for tag, _, _ in scalars)
+  assert ("train/loss", 1, 0.5) in scalars and ("train/loss", 2, 0.25) in scalars
+  assert ("train/reward", 2, 3.0) in scalars and ("time/time_train_s", 1, 2.0) in scalars
+  assert {tag for tag, _, _ in scalars} == {"train/loss", "train/reward", "train/kl",
+                                            "time/time_train_s"}
+
+
+@pytest.mark.parametrize("key,group,tag", [
+    ("loss", "train", "train/loss"), ("reward_format", "train", "train/reward_format"),
+    ("time_sample_s", "train", "time/time_sample_s"), ("elapsed_s", "train", "time/elapsed_s"),
+    ("step_time_s", "train", "time/step_time_s"), ("total_train_s", "train", "time/total_train_s"),
+    ("sample_tokens_per_s", "train", "time/sample_tokens_per_s"),
+    ("timeouts", "train", "train/timeouts"), ("pass@1", "eval", "eval/pass@1"),
+    ("wall_time_s", "eval", "time/wall_time_s"), ("hparams/x", "train", "hparams/x")])
+def test_tb_tag_groups_metrics(key, group, tag):
+  assert metrics.tb_tag(key, group) == tag
+
+
+def _tb_texts_and_hparams(tb_dir):
+  """Text summaries and hparam session names under tb_dir (recursively)."""
+  texts, plugins = {}, set()
+  for path in sorted(glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"),
+                               recursive=True)):
+    data, pos = open(path, "rb").read(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        plugins.add(v.metadata.plugin_data.plugin_name)
+        if v.metadata.plugin_data.plugin_name == "text":
+          texts[v.tag] = b"".join(v.tensor.string_val).decode()
+  return texts, plugins
+
+
+def test_log_eval_log_hparams_and_finish_run(tmp_path):
+  result = {"pass@1": 0.625, "maj@1": 0.5, "num_problems": 8, "note": "x"}
+  assert metrics.log_eval(str(tmp_path / "eval"), 4, result) == {
+      "pass@1": 0.625, "maj@1": 0.5, "num_problems": 8}
+  # TensorBoard's tag rules turn '@' into '_'
+  assert sorted(_tb_scalars(str(tmp_path / "eval"))) == [
+      ("eval/maj_1", 4, 0.5), ("eval/num_problems", 4, 8.0), ("eval/pass_1", 4, 0.625)]
+
+  with metrics.MetricsWriter(tmp_path / "run") as w:
+    for step in (1, 2, 3):
+      w.write(step, {"loss": 1.0 / step, "elapsed_s": float(step)})
+  summary = metrics.finish_run(str(tmp_path / "run"), {"steps": 3, "nested": {"a": 2.5}},
+                               config={"seed": 0, "sft": {"lr": 1e-3, "shape": (2, 3)}},
+                               curves=("loss", "accuracy"))
+  assert summary == {"steps": 3, "nested": {"a": 2.5}, "final_loss": pytest.approx(1 / 3)}
+  assert json.load(open(tmp_path / "run" / "summary.json")) == summary
+  assert open(tmp_path / "run" / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  texts, plugins = _tb_texts_and_hparams(str(tmp_path / "run" / metrics.TB_DIR))
+  assert "hparams" in plugins  # the HParams dashboard's session
+  table = texts["hparams/text_summary"]
+  assert "| sft.lr | 0.001 |" in table and "| sft.shape | [2, 3] |" in table
+  assert "| **hparams/nested.a** | 2.5 |" in table and "hparams/final_loss" in table
+  assert os.path.isdir(tmp_path / "run" / metrics.TB_DIR / metrics.HPARAMS_RUN)
+
+
+def test_write_config_and_plot_bars(tmp_path):
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"seed": 3, "grpo": {"G": 4, "digits": (2, 3)}})
+  path = metrics.write_config(str(tmp_path / "w"), cfg)
+  assert json.load(open(path)) == {"seed": 3, "grpo": {"G": 4, "digits": [2, 3]}}
+  fig = metrics.plot_bars(str(tmp_path / "bars.png"), {"pass@1": 0.25, "format_rate": 1.0})
+  assert [p.get_height() for p in fig.axes[0].patches] == [0.25, 1.0]
+  assert open(tmp_path / "bars.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_truncates_steps_after_the_checkpoint(tmp_path):
@@ -61,6 +125,9 @@ def test_resume_truncates_steps_after_the_checkpoint(tmp_path):
   records = metrics.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert records[-1]["loss"] == 42.0 and records[4]["loss"] == pytest.approx(0.2)
+  # the resumed writer (within the same second) kept the first one's events
+  scalars = _tb_scalars(str(tmp_path))
+  assert ("train/loss", 1, 1.0) in scalars and ("train/loss", 6, 42.0) in scalars
   # a fresh run in the same workdir starts a fresh file
   metrics.MetricsWriter(tmp_path, tensorboard=False).close()
   assert metrics.read_metrics(str(tmp_path)) == []

@@ -17,6 +17,7 @@ waits on the device and dispatch stays ahead.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import numbers
@@ -33,6 +34,19 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 TB_DIR = "tb"
 HPARAMS_RUN = "hparams"  # the tb/ subdirectory add_hparams writes its session into
+
+
+_writer_ids = itertools.count()
+
+
+def _summary_writer(logdir: str, **kwargs):
+  """A tensorboardX SummaryWriter whose event file no other writer shares: tensorboardX names
+  files by the second and opens them for writing, so a second writer on the same directory
+  within one second (a fast resume, the hparams after a short run) would erase the first's
+  events; the file name carries the process id and a counter."""
+  from tensorboardX import SummaryWriter  # imported lazily: heavy and optional at read time
+  return SummaryWriter(logdir=logdir, filename_suffix=f".{os.getpid()}.{next(_writer_ids)}",
+                       **kwargs)
 
 
 def is_time_key(key: str) -> bool:
@@ -179,9 +193,8 @@ class MetricsWriter:
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # imported lazily: heavy and optional at read time
       purge = 0 if resume_step is None else resume_step + 1
-      self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), purge_step=purge)
+      self._tb = _summary_writer(os.path.join(self.workdir, TB_DIR), purge_step=purge)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
     """Writes `metrics` (scalars, device or host) for `step`; returns the host values."""
@@ -362,7 +375,6 @@ def log_hparams(run_dir: str, config: Mapping[str, Any], summary: Mapping[str, A
   """The run's config and final figures in <run_dir>/tb, once per run: the HParams dashboard
   (a session in tb/hparams, one hparam per flattened config field, one metric per numeric
   summary figure, tagged hparams/<key>) and a text table of both (tag 'hparams')."""
-  from tensorboardX import SummaryWriter
   hparams = {k: _hparam_value(v) for k, v in flatten(config).items()}
   figures = {f"hparams/{k}": float(v) for k, v in flatten(summary).items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -374,7 +386,7 @@ def log_hparams(run_dir: str, config: Mapping[str, Any], summary: Mapping[str, A
   rows = [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |"
           for k, v in sorted(flatten(config).items())]
   rows += [f"| **{k}** | {v:.6g} |" for k, v in sorted(figures.items())]
-  with SummaryWriter(logdir=tb_dir) as w:
+  with _summary_writer(tb_dir) as w:
     w.add_hparams(hparams, figures, name=HPARAMS_RUN)
     w.add_text("hparams", "| field | value |\n|---|---|\n" + "\n".join(rows))
 
