@@ -6,7 +6,8 @@ A DIR is a run directory (metrics.jsonl and summary.json, e.g. workdir/grpo) or 
 workdir (summary.json at the top, each stage's metrics.jsonl in its own subdirectory). The
 figure has one panel per metric and one line per run, labelled by the run's directory name;
 a metric is read from the directory's own metrics.jsonl, else from the first stage
-subdirectory that logged it (STAGE_ORDER), or from a named one with 'grpo/reward_mean'.
+subdirectory that logged it (STAGE_ORDER; the label then names the stage: 'seed0 (sft)'), or
+from a named one with 'grpo/reward_mean'.
 The table has one column per run and one row per (flattened) summary key; a run without
 that key leaves its cell blank.
 """
@@ -67,16 +68,23 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
   return Run(path, label, summary, sources)
 
 
-def run_curve(run: Run, key: str) -> list[tuple]:
-  """(step, value) points of metric `key` ('name' or 'stage/name') in `run`; [] if absent."""
+def resolve(run: Run, key: str) -> tuple[str, list[tuple]]:
+  """(source, (step, value) points) of metric `key` ('name' or 'stage/name') in `run`: the
+  directory's own records first (source ''), else the first stage that logged it;
+  ('', []) if none did."""
   if "/" in key:
     source, name = key.split("/", 1)
-    return metrics_lib.curve(run.sources.get(source, []), name)
-  for records in run.sources.values():
+    return source, metrics_lib.curve(run.sources.get(source, []), name)
+  for source, records in run.sources.items():
     pts = metrics_lib.curve(records, key)
     if pts:
-      return pts
-  return []
+      return source, pts
+  return "", []
+
+
+def run_curve(run: Run, key: str) -> list[tuple]:
+  """(step, value) points of metric `key` in `run` (see resolve); [] if absent."""
+  return resolve(run, key)[1]
 
 
 def _labels(paths: Sequence[str]) -> list[str]:
@@ -123,9 +131,10 @@ def plot_runs(runs: Sequence[Run], keys: Sequence[str], out_png: Optional[str] =
   for i, key in enumerate(keys):
     ax = fig.add_subplot(rows, cols, i + 1)
     for run in runs:
-      pts = run_curve(run, key)
-      if pts:
-        ax.plot(*zip(*pts), label=run.label)
+      source, pts = resolve(run, key)
+      if pts:  # a stage's curve in a workdir says which stage it is
+        ax.plot(*zip(*pts), label=f"{run.label} ({source})" if source and "/" not in key
+                else run.label)
     ax.set_title(key)
     ax.set_xlabel("step")
     ax.grid(True, alpha=0.3)

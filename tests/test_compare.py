@@ -44,12 +44,12 @@ def test_compare_draws_a_line_per_run_and_tabulates_the_summaries(two_runs, tmp_
   reward, accuracy = result.figure.axes
   assert reward.get_title() == "reward_mean"
   lines = {line.get_label(): line for line in reward.get_lines()}
-  assert sorted(lines) == ["run_a", "run_b"]
+  assert sorted(lines) == ["run_a", "run_b (grpo)"]  # run_b's curves come from its stage
   np.testing.assert_allclose(lines["run_a"].get_ydata(), [0.1, 0.2, 0.3])
-  np.testing.assert_array_equal(lines["run_b"].get_xdata(), [1, 2])
-  np.testing.assert_allclose(lines["run_b"].get_ydata(), [0.2, 0.4])
+  np.testing.assert_array_equal(lines["run_b (grpo)"].get_xdata(), [1, 2])
+  np.testing.assert_allclose(lines["run_b (grpo)"].get_ydata(), [0.2, 0.4])
   acc = {line.get_label(): list(line.get_ydata()) for line in accuracy.get_lines()}
-  assert acc == {"run_a": [0.5, 0.5, 0.5], "run_b": [0.25]}
+  assert acc == {"run_a": [0.5, 0.5, 0.5], "run_b (grpo)": [0.25]}
 
   rows = [line.split() for line in result.table.splitlines()]
   assert rows[0] == ["key", "run_a", "run_b"]
@@ -73,7 +73,9 @@ def test_compare_main_prints_the_table_and_defaults_to_the_logged_keys(two_runs,
   assert open(out, "rb").read(8) == PNG_MAGIC
   # a named stage, and errors
   result = compare.compare([str(b)], ["grpo/reward_mean"], None)
-  np.testing.assert_allclose(result.figure.axes[0].get_lines()[0].get_ydata(), [0.2, 0.4])
+  (line,) = result.figure.axes[0].get_lines()
+  assert line.get_label() == "run_b"
+  np.testing.assert_allclose(line.get_ydata(), [0.2, 0.4])
   assert compare.main([str(a), "--keys", "kl_ref", "--out", str(out)]) == 2
   assert "no run logged metric(s) ['kl_ref']" in capsys.readouterr().err
   with pytest.raises(ValueError, match="does not exist"):
