@@ -200,6 +200,32 @@ def test_a_changed_eval_field_recomputes_the_evaluations_only(finished, tmp_path
   assert "recomputing" not in capsys.readouterr().out
 
 
+def test_a_changed_grpo_field_retrains_grpo_from_scratch(finished, tmp_path, capsys):
+  """GRPO's old checkpoint (step 2) is moved aside, not resumed: with grpo.steps=1 a resumed
+  run would train nothing; a fresh one trains step 1. The cold start is kept. (Without the
+  control, whose step count follows GRPO's time and so compiles anew each run; that the
+  control follows GRPO is test_the_plan_invalidates_what_depends_on_a_field's.)"""
+  workdir, _ = finished
+  rerun = str(tmp_path / "rerun")
+  shutil.copytree(workdir, rerun)
+  sft_lines = metrics_lib.read_metrics(os.path.join(rerun, "sft"))
+  cfg = tiny_runs.load_config()
+  cfg.grpo.steps = 1
+  cfg.control = False
+  capsys.readouterr()
+  pipeline.run(cfg, rerun)
+  out = capsys.readouterr().out
+  assert "[grpo] recomputing: config changed: grpo.steps 2 -> 1" in out
+  assert "[grpo] moved grpo/ (made under another config) to grpo.stale/; it is not resumed" in out
+  assert "[eval_grpo] recomputing: it comes after grpo, which changed" in out
+  for name in ("sft", "eval_sft"):
+    assert f"[{name}] reusing the recorded result" in out
+  assert [r["step"] for r in metrics_lib.read_metrics(os.path.join(rerun, "grpo"))] == [1]
+  assert [r["step"] for r in metrics_lib.read_metrics(os.path.join(rerun, "grpo.stale"))] == [1, 2]
+  assert metrics_lib.read_metrics(os.path.join(rerun, "sft")) == sft_lines
+  assert stages_lib.load_results(rerun)["grpo"]["steps"] == 1
+
+
 def _tb_scalars(run_dir):
   """(tag, step, value) of the scalars in run_dir/tb's event files (not its subruns), read
   from the TFRecord framing."""
