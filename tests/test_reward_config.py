@@ -264,3 +264,41 @@ def test_all_equal_rewards_warn_once_and_are_counted(built, tmp_path, capsys):
   assert [r["grad_norm"] for r in rows] == [0.0, 0.0]
   if built[2].mtp_depth > 0:
     assert out.count("MTP module(s) are not trained during RL") == 1
+
+
+def _run(built, workdir, **overrides):
+  """rl.train of the test config with its own arithmetic task; returns (params, rows)."""
+  cfg, tokenizer, model_cfg, params = built
+  gcfg = copy.deepcopy(cfg.grpo)
+  for k, v in overrides.items():
+    if k.startswith("rewards_"):
+      gcfg.rewards[k[len("rewards_"):]] = v
+    else:
+      gcfg[k] = v
+  got, _ = rl.train(model_cfg, gcfg, str(workdir), task=experiment.build(cfg)[0],
+                    tokenizer=tokenizer, params=params, task_name=cfg.task.name,
+                    task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed, progress=False)
+  return got, metrics_lib.read_metrics(os.path.join(workdir, "grpo"))
+
+
+def test_refills_sampled_ahead_of_the_pool_change_nothing(built, tmp_path):
+  """Dynamic sampling with a VerifierPool samples a refill while the pool scores the batch
+  before it, and drops it (restoring the prompt iterator) when it is not needed: the run
+  equals the in-process one, which samples one batch at a time, in parameters and in every
+  metric but the timings and the scheduling counts. The language and overlong rewards on an
+  untrained model's completions leave some groups all-equal: in this run steps 2, 4 and 5
+  refill, so step 3 drops the refill it sampled ahead and step 5 uses it."""
+  run = dict(steps=5, dynamic_sampling=True, max_refills=1, rewards_language=1.0,
+             rewards_overlong=1.0, overlong_cache_len=1)
+  params_local, rows_local = _run(built, tmp_path / "local", **run)
+  params_pool, rows_pool = _run(built, tmp_path / "pool", reward_workers=1, **run)
+  assert [r["sampled"] for r in rows_pool] == [16, 32, 16, 32, 32]
+  assert [r["refills_ahead"] for r in rows_pool] == [0, 0, 1, 0, 1]
+  assert [r["refills_discarded"] for r in rows_pool] == [0, 0, 1, 0, 0]
+  assert all(r["refills_ahead"] == 0 for r in rows_local)
+  for a, b in zip(rows_local, rows_pool):
+    keep = [k for k in a if not tiny_runs.is_timing_key(k)
+            and k not in ("refills_ahead", "refills_discarded")]
+    assert {k: a[k] for k in keep} == {k: b[k] for k in keep}, a["step"]
+  a, b = tiny_runs.leaves(params_local), tiny_runs.leaves(params_pool)
+  assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -24,9 +24,13 @@ Departures from the paper:
     in a well-formed response.
   - The MTP modules are not trained during RL (the policy is the main head only; train()
     says so when the model has them).
-  - With dynamic sampling a refill is sampled only after the previous batch's rewards are
-    known: whether to refill depends on them, so sampling never overlaps scoring there.
-    Without refills the reference forward pass (beta > 0) runs while the rewards are computed.
+  - Dynamic sampling: whether to refill depends on the previous batch's rewards. With a
+    VerifierPool, a refill that the last step needed is sampled ahead, while the pool scores
+    the batch before it (metric refills_ahead); if it proves unneeded, it is dropped and the
+    prompt iterator restored (refills_discarded), so the rows, rewards and parameters are
+    those of sampling one batch at a time (each try's key is fold_in(step key, try)).
+    In-process rewards run on the host between batches. Without refills the reference
+    forward pass (beta > 0) runs on the device while the rewards are computed.
 
 Time split per step: time_sample_s is sampling only (weights' decode layout, generation,
 detokenising), time_verify_s the seconds the step spends on rewards after sampling (computed
@@ -414,12 +418,14 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   start = 0
   times = {"sample_s": 0.0, "verify_s": 0.0, "train_s": 0.0}
   steps_no_rows = 0  # steps whose advantages were all 0 (nothing to learn), cumulative
+  prev_tries = 0  # prompt batches the last step sampled (when to sample a refill ahead)
   if manager.latest_step() is not None:
     restored = manager.restore(ckpt_lib.abstract_state(state))
     state, start = restored.state, restored.step
     it.set_state(restored.data_state["iterator"])
     times = dict(restored.data_state["times"])
     steps_no_rows = int(restored.data_state.get("steps_no_rows", 0))
+    prev_tries = int(restored.data_state.get("prev_tries", 0))
   update = make_update_step(model_cfg, gcfg, optimizer)
   ref_logprobs = make_ref_logprobs(model_cfg, gcfg)
   sampler = sampler_lib.Sampler(model_cfg, mesh if rollout_mesh is None else rollout_mesh,
@@ -446,18 +452,36 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       clock = metrics_lib.WorkClock()
       dparams = sampler.prepare(state["params"])  # the decode layout, once per step's weights
       sample_s = clock.elapsed()
+      ahead = None  # (iterator state before it, batch, out, texts): the next refill
+      n_ahead = n_discarded = 0
       while True:
-        batch = next(it)
-        clock.start()
-        out, texts = rollout(sampler, dparams, gcfg, batch, jax.random.fold_in(step_key, tries),
-                             tokenizer)
-        sample_s += clock.elapsed()
+        if ahead is None:
+          batch = next(it)
+          clock.start()
+          out, texts = rollout(sampler, dparams, gcfg, batch,
+                               jax.random.fold_in(step_key, tries), tokenizer)
+          sample_s += clock.elapsed()
+        else:
+          _, batch, out, texts = ahead
+          ahead = None
         pending = scorer.submit([p for p in batch.prompts for _ in range(gcfg.G)], texts,
                                 [e for e in batch.examples for _ in range(gcfg.G)], out.lengths)
         if gcfg.beta > 0 and not gcfg.dynamic_sampling:
           # Without refills the training rows are exactly this batch: the reference pass
           # is dispatched now and runs on the device while the rewards are computed.
           ref_logp = ref_logprobs(state["ref_params"], _place_tokens(out.tokens, mesh, param_rules))
+        if (scorer.pool is not None and gcfg.dynamic_sampling and tries < gcfg.max_refills
+            and prev_tries > tries + 1):
+          # The last step needed this refill: sample it while the pool scores this batch. If
+          # it turns out unneeded, the iterator goes back, so nothing of it stays.
+          it_state = it.get_state()
+          next_batch = next(it)
+          clock.start()
+          ahead = (it_state, next_batch) + rollout(
+              sampler, dparams, gcfg, next_batch, jax.random.fold_in(step_key, tries + 1),
+              tokenizer)
+          sample_s += clock.elapsed()
+          n_ahead += 1
         clock.start()
         scores = scorer.result(pending)
         verify_s += clock.elapsed()
@@ -468,11 +492,13 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
         n_tokens += int(np.asarray(out.lengths).sum())
         groups.append((out, texts, scores.total))
         tries += 1
-        if not gcfg.dynamic_sampling or tries > gcfg.max_refills:
+        if not gcfg.dynamic_sampling or tries > gcfg.max_refills or sum(
+            int((_group_std(r, gcfg.G) > 0).sum()) for _, _, r in groups) >= gcfg.prompts_per_step:
+          if ahead is not None:
+            it.set_state(ahead[0])
+            n_discarded += 1
           break
-        kept = sum(int((_group_std(r, gcfg.G) > 0).sum()) for _, _, r in groups)
-        if kept >= gcfg.prompts_per_step:
-          break
+      prev_tries = tries
       del dparams
       # ---------------------------------------------------------------- build the batch
       rows = _assemble(groups, gcfg, n_rows)
@@ -522,6 +548,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
           train_tokens_per_s=gcfg.mu * int(rows["mask"].sum()) / max(train_s, 1e-9),
           time_sample_s=sample_s, time_verify_s=verify_s, time_train_s=train_s,
           time_reward_compute_s=compute_s, steps_no_rows=steps_no_rows,
+          refills_ahead=n_ahead, refills_discarded=n_discarded,
           step_time_s=time.perf_counter() - t0, sampled=n_sampled,
           time_compile_s=metrics_lib.compile_seconds() - compile_before,
           reward_failures=scorer.failures - failures_before,
@@ -532,7 +559,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       if step % gcfg.checkpoint_every == 0 or step == gcfg.steps:
         check_params_finite(step, state["params"])
         manager.save(step, state, data_state={"iterator": it.get_state(), "times": times,
-                                              "steps_no_rows": steps_no_rows})
+                                              "steps_no_rows": steps_no_rows,
+                                              "prev_tries": prev_tries})
   finally:
     manager.wait()
     manager.close()
