@@ -20,7 +20,6 @@ import pytest
 from r1jax.model import decoder as model_lib
 from r1jax.rollout import sampler as sampler_lib
 from r1jax.run import experiment
-from r1jax.run import pipeline
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import rl
@@ -112,11 +111,14 @@ def test_one_step_writes_finite_metrics(one_step):
               "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl_old", "kl_ref",
               "entropy", "expert_imbalance", "completion_length", "truncation_rate",
               "sample_tokens_per_s", "train_tokens_per_s", "time_sample_s", "time_verify_s",
-              "time_train_s", "step_time_s", "reward_failures"):
+              "time_train_s", "time_reward_compute_s", "step_time_s", "reward_failures",
+              "reward_accuracy", "steps_no_rows", "refills_ahead", "refills_discarded"):
     assert key in row, key
     assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row[key])
   rewards = np.array([r for _, r in calls])
   assert row["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-12)
+  assert row["reward_accuracy"] == row["reward_mean"]  # the default: accuracy alone, weight 1
+  assert "reward_format" not in row
   assert row["reward_std"] == pytest.approx(rewards.std(), abs=1e-12)
   assert row["accuracy"] == pytest.approx((rewards >= 1).mean(), abs=1e-12)
   assert row["reward_failures"] == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 
 def echo_reward(prompt, completion, *, value=1.0, **_):
@@ -22,4 +23,10 @@ def crash_reward(prompt, completion, *, crash=False, **_):
   del prompt, completion
   if crash:
     os._exit(7)
+  return 1.0
+
+
+def sleep_reward(prompt, completion, *, sleep_s=0.0, **_):
+  del prompt, completion
+  time.sleep(sleep_s)
   return 1.0

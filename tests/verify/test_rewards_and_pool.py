@@ -112,7 +112,20 @@ def test_pool_kills_and_replaces_a_worker_stuck_in_native_code():
     assert time.monotonic() - start < 15
     assert scores == [0.0 if i % 3 == 0 else 1.0 for i in range(7)]
     assert pool.stats()['timeout'] == 3
+    assert pool.compute_seconds() >= 3 * 1.0  # a timed-out item counts its deadline
     assert pool.map([{'prompt': '', 'completion': ''}] * 4) == [1.0] * 4
+
+
+def test_pool_sums_the_workers_compute_seconds():
+  with pool_lib.VerifierPool(pool_helpers.sleep_reward, num_workers=2) as pool:
+    pool.map([{'prompt': '', 'completion': ''}] * 2)  # workers are up
+    before = pool.compute_seconds()
+    start = time.monotonic()
+    assert pool.map([{'prompt': '', 'completion': '', 'sleep_s': 0.1}] * 6) == [1.0] * 6
+    wall = time.monotonic() - start
+    spent = pool.compute_seconds() - before
+  assert 0.6 <= spent < 0.6 + 0.3  # what the workers measured, summed over both
+  assert wall < spent  # two workers ran them side by side
 
 
 def test_pool_survives_a_worker_that_dies():
