@@ -16,7 +16,7 @@ def run(cfg, workdir: str):
     params = experiment.latest_params(cfg, workdir, model_cfg)
   except ValueError:
     print("no SFT checkpoint in workdir: starting from random init (R1-Zero)")
-    params = experiment.init_params(model_cfg, cfg.seed, mesh)
+    params = experiment.initial_params(cfg, model_cfg, mesh)
   out = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params,
                  task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
                  mesh=mesh, rollout_mesh=experiment.rollout_mesh_of(cfg))

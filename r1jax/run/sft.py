@@ -13,7 +13,7 @@ def run(cfg, workdir: str):
   task, tokenizer, model_cfg = experiment.build(cfg)
   mesh = experiment.mesh_of(cfg)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
-  params = experiment.init_params(model_cfg, cfg.seed, mesh)
+  params = experiment.initial_params(cfg, model_cfg, mesh)
   out = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params,
                   examples=traces, seed=cfg.seed, mesh=mesh)
   metrics.plot_curves(os.path.join(workdir, "sft"), ["loss", "nll"], "curves.png")
