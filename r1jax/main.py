@@ -1,7 +1,8 @@
 """Entry point: `python -m r1jax.main --config=configs/X.py[:arg] [--workdir=DIR] [--config.f=v]`.
 
-Parses flags and dispatches on `config.mode`; all logic lives in library modules that tests
-and notebooks import too.
+Parses flags and dispatches on `config.mode` (`--config.mode=print_config` lists every field
+of the config with its comment); all logic lives in library modules that tests and notebooks
+import too.
 """
 from __future__ import annotations
 

@@ -168,6 +168,10 @@ def test_task_name_override_uses_the_new_tasks_defaults(capsys):
   assert tokenizer.encode("<think>") == tokenizer.encode("<think>")[:1]  # char+words kept
 
 
+def test_an_unknown_task_name():
+  check_fails(tiny(**{"task.name": "sudoku"}), "config field 'task.name' is 'sudoku'; registered:")
+
+
 def test_an_option_no_task_has_is_still_an_error():
   cfg = tiny()
   cfg.task.kwargs.digits = 3
@@ -262,9 +266,16 @@ def test_init_from_hf_needs_a_config_json(tmp_path):
 # ---------------------------------------------------------------------------- init_from_hf
 
 
+def test_a_checkpoint_vocab_past_the_tokenizers_only_trains():
+  # Sampling could draw one of the checkpoint's 256 ids past the tokenizer's 43.
+  cfg = tiny(init_from_hf=HF_V3, mode="eval", **{"model.mtp_depth": 0})
+  check_fails(cfg, "config field 'init_from_hf': the checkpoint's vocab_size (256) exceeds the "
+              "43 tokens", "mode 'eval' samples")
+
+
 @pytest.fixture(scope="module")
 def hf_run():
-  cfg = tiny(init_from_hf=HF_V3, **{"model.mtp_depth": 0})
+  cfg = tiny(init_from_hf=HF_V3, mode="sft", **{"model.mtp_depth": 0})
   experiment.validate(cfg)
   return cfg, experiment.build(cfg)
 
@@ -296,6 +307,15 @@ def test_init_from_hf_params_give_the_direct_loads_logits(hf_run):
   for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(direct)):
     np.testing.assert_array_equal(np.asarray(a), b)
   del direct_cfg
+
+
+def test_eval_without_a_checkpoint_evaluates_the_hf_checkpoint(hf_run, tmp_path):
+  cfg, (_, _, model_cfg) = hf_run
+  params = experiment.params_to_evaluate(cfg, str(tmp_path), model_cfg)
+  _, direct = hf.load_checkpoint(HF_V3, moe_impl="dense", mtp_depth=0)
+  np.testing.assert_array_equal(np.asarray(params["final_norm"]), direct["final_norm"])
+  with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
+    experiment.params_to_evaluate(tiny(), str(tmp_path), model_cfg)
 
 
 # ---------------------------------------------------------------------------- print_config

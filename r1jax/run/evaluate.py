@@ -11,7 +11,7 @@ from r1jax.train import evaluate
 def run(cfg, workdir: str) -> dict:
   experiment.validate(cfg)
   task, tokenizer, model_cfg = experiment.build(cfg)
-  params = experiment.latest_params(cfg, workdir, model_cfg)
+  params = experiment.params_to_evaluate(cfg, workdir, model_cfg)
   result = evaluate.evaluate(params, model_cfg, task, tokenizer, cfg.eval, seed=cfg.seed,
                              mesh=experiment.rollout_mesh_of(cfg))
   print(json.dumps(result, indent=2))

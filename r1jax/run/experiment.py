@@ -131,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _task_class(name: str):
   if name not in task_base._REGISTRY:  # pylint: disable=protected-access
-    raise ValueError(f"config field 'task.name' is {name!r}; registered: {task_base.task_names()}")
+    raise ConfigError(f"config field 'task.name' is {name!r}; registered: "
+                      f"{task_base.task_names()}")
   module, cls_name = task_base._REGISTRY[name].split(":")  # pylint: disable=protected-access
   return getattr(importlib.import_module(module), cls_name)
 
@@ -214,6 +215,7 @@ def _validate(cfg) -> None:
       _mesh(cfg.get(field))
     except ValueError as e:
       raise ConfigError(f"config field {field!r}: {e}") from None
+  _task_class(cfg.task.name)  # an unknown task name stops here, naming the field
   if cfg.init_from_hf and not os.path.isfile(os.path.join(cfg.init_from_hf, "config.json")):
     raise ConfigError(f"config field 'init_from_hf': no config.json in {cfg.init_from_hf!r} "
                       "(an HF checkpoint directory holds config.json and *.safetensors)")
@@ -250,7 +252,7 @@ def check_dispatch(impl: str, devices) -> None:
 def validate_run(cfg, task, tokenizer, model_cfg) -> None:
   """The checks that need the task's data and the model config, cheap enough for start-up:
 
-  the tokenizer's vocab fits the model's; sft.seq_len, and prompt + max_new_tokens of GRPO
+  the tokenizer's vocab fits the model's (and equals it in modes that sample); sft.seq_len, and prompt + max_new_tokens of GRPO
   and eval, fit model.max_position_embeddings; the longest prompt of a sample of the train
   split (the first 256 examples, or all of a smaller source) fits grpo.max_prompt_len; the
   longest held-out prompt + eval.max_new_tokens fits the model's positions; the longest
@@ -264,6 +266,12 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
     raise ConfigError(f"config field 'task.tokenizer' ({cfg.task.tokenizer!r}) gives a "
                       f"vocabulary of {tokenizer.vocab_size} tokens, but {where}: ids past it "
                       "would be clamped silently; pick a tokenizer that fits")
+  if tokenizer.vocab_size < model_cfg.vocab_size and cfg.mode in SAMPLING_MODES:
+    raise ConfigError(f"config field 'init_from_hf': the checkpoint's vocab_size "
+                      f"({model_cfg.vocab_size}) exceeds the {tokenizer.vocab_size} tokens of "
+                      f"task.tokenizer={cfg.task.tokenizer!r}, and mode {cfg.mode!r} samples: "
+                      "a sampled id past the tokenizer's would not decode. Mode 'sft' trains "
+                      "with it; sampling needs a tokenizer of the checkpoint's size")
   max_pos = model_cfg.max_position_embeddings
   if cfg.sft.seq_len > max_pos:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
@@ -303,6 +311,7 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
 
 
 _SAMPLE = 256  # examples whose lengths validate_run measures per split
+SAMPLING_MODES = ("pipeline", "grpo", "eval")  # modes that decode sampled token ids
 
 
 def _longest(task, examples, length) -> tuple[int, str]:
@@ -358,9 +367,11 @@ def build(cfg):
   modules to load, 0 = none). moe_impl='auto' is resolved for the devices of the config's
   mesh (one device without one).
   """
-  _resolve_task_switch(cfg)
   try:
+    _resolve_task_switch(cfg)
     task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  except ConfigError:
+    raise
   except ValueError as e:
     raise ConfigError(f"config field 'task.kwargs': {e}") from None
   try:
@@ -458,6 +469,17 @@ def initial_params(cfg, model_cfg, mesh=None):
   if mesh is None:
     return decoder.init_params(model_cfg, key)
   return sharding.init_sharded_params(model_cfg, key, mesh)
+
+
+def params_to_evaluate(cfg, workdir: str, model_cfg):
+  """The latest stage checkpoint in workdir (`latest_params`); without one, the HF
+  checkpoint of cfg.init_from_hf when set (evaluating it as released)."""
+  try:
+    return latest_params(cfg, workdir, model_cfg)
+  except ValueError:
+    if not cfg.init_from_hf:
+      raise
+  return initial_params(cfg, model_cfg)
 
 
 def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):
