@@ -103,7 +103,8 @@ def test_bad_config_field_stops_before_training(tmp_path):
     ("sft", "sft.batch_size=0", "sft config field 'batch_size' must be >= 1"),
     ("grpo", "grpo.top_p=1.5", "grpo config field 'top_p' must lie in (0, 1]"),
     ("sft", "model.moe_impl=pallas", "config field 'model.moe_impl' is 'pallas', which cannot run"),
-    ("pipeline", "sft.seq_len=20", "config field 'sft.seq_len' (20) is shorter than the cold-start"),
+    ("pipeline", "sft.seq_len=20", "config field 'sft.seq_len' (20) is shorter than the "
+                                   "cold-start"),
     ("grpo", "grpo.optimizer.lr=-1.0", "grpo.optimizer config field 'lr' must be >= 0"),
     ("eval", "eval.k=0", "eval config field 'k' must be >= 1"),
     ("pipeline", "sft.seq_len=100", "'sft.seq_len' (100) exceeds model.max_position_embeddings"),

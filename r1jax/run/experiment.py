@@ -252,12 +252,13 @@ def check_dispatch(impl: str, devices) -> None:
 def validate_run(cfg, task, tokenizer, model_cfg) -> None:
   """The checks that need the task's data and the model config, cheap enough for start-up:
 
-  the tokenizer's vocab fits the model's (and equals it in modes that sample); sft.seq_len, and prompt + max_new_tokens of GRPO
-  and eval, fit model.max_position_embeddings; the longest prompt of a sample of the train
-  split (the first 256 examples, or all of a smaller source) fits grpo.max_prompt_len; the
-  longest held-out prompt + eval.max_new_tokens fits the model's positions; the longest
-  cold-start trace (prompt + trace + <eos>) fits sft.seq_len; the splits hold
-  sft.num_traces and eval.num_problems examples. ConfigError names the field.
+  the tokenizer's vocab fits the model's (and equals it in modes that sample); sft.seq_len,
+  and prompt + max_new_tokens of GRPO and eval, fit model.max_position_embeddings; the
+  longest prompt of a sample of the train split (the first 256 examples, or all of a smaller
+  source) fits grpo.max_prompt_len; the longest held-out prompt + eval.max_new_tokens fits
+  the model's positions; the longest cold-start trace (prompt + trace + <eos>) fits
+  sft.seq_len; the splits hold sft.num_traces and eval.num_problems examples. ConfigError
+  names the field.
   """
   if tokenizer.vocab_size > model_cfg.vocab_size:
     where = (f"the checkpoint in init_from_hf={cfg.init_from_hf!r} has vocab_size "
