@@ -219,7 +219,7 @@ def test_more_traces_or_problems_than_the_splits_hold():
 
 @pytest.mark.parametrize("field,value,message", [
     ("grpo.top_p", 0.0, "grpo config field 'top_p' must lie in (0, 1]"),
-    ("grpo.top_k", -1, "grpo config field 'top_k' must be an int >= 0"),
+    ("grpo.top_k", -1, "grpo config field 'top_k' must be >= 0 and an int"),
     ("grpo.temperature", 0.0, "grpo config field 'temperature' must be > 0"),
     ("eval.temperature", -0.5, "eval config field 'temperature' must be >= 0"),
 ])

@@ -45,7 +45,8 @@ def validate(ecfg) -> None:
   if "top_p" in ecfg and not 0 < ecfg.top_p <= 1:
     raise ValueError(f"eval config field 'top_p' must lie in (0, 1] (1 = off), got {ecfg.top_p}")
   if "top_k" in ecfg and (not isinstance(ecfg.top_k, int) or ecfg.top_k < 0):
-    raise ValueError(f"eval config field 'top_k' must be an int >= 0 (0 = off), got {ecfg.top_k}")
+    raise ValueError(f"eval config field 'top_k' must be >= 0 and an int (0 = off), "
+                     f"got {ecfg.top_k!r}")
   if ecfg.split not in base.SPLITS:
     raise ValueError(f"eval config field 'split' must be one of {base.SPLITS}, got {ecfg.split!r}")
 

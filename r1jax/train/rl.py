@@ -109,7 +109,8 @@ def validate(gcfg) -> None:
   if not 0 < gcfg.top_p <= 1:
     raise ValueError(f"grpo config field 'top_p' must lie in (0, 1] (1 = off), got {gcfg.top_p}")
   if not isinstance(gcfg.top_k, int) or gcfg.top_k < 0:
-    raise ValueError(f"grpo config field 'top_k' must be an int >= 0 (0 = off), got {gcfg.top_k}")
+    raise ValueError(f"grpo config field 'top_k' must be >= 0 and an int (0 = off), "
+                     f"got {gcfg.top_k!r}")
   if not gcfg.reward_timeout_s > 0:
     raise ValueError(f"grpo config field 'reward_timeout_s' must be > 0, "
                      f"got {gcfg.reward_timeout_s}")
