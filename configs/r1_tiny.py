@@ -13,31 +13,26 @@ GRPO's wall-clock time on more SFT over the same traces, so it can only imitate 
 
 Arguments: seed (int), runlocal (bool: a much shorter smoke run), mode (pipeline|sft|grpo|eval).
 """
-import ml_collections
-
 from r1jax.model import presets
 from r1jax.run import experiment
-from r1jax.train import evaluate, rl, sft
 
 
 def get_config(arg=None):
   a = experiment.parse_arg(arg, seed=0, runlocal=False, mode="pipeline")
-  c = ml_collections.ConfigDict()
+  c = experiment.base_config()
   c.mode = a.mode
   c.seed = a.seed
   c.control = True
   # Training runs on one device; rollouts (GRPO sampling, evaluation) run one decode loop per
   # device of this mesh, and `r1jax.main` makes one host device per CPU core.
-  c.rollout_mesh = {"data": -1}
+  c.rollout_mesh.data = -1
 
-  c.task = ml_collections.ConfigDict()
-  c.task.name = "arithmetic"
-  c.task.tokenizer = "char+words"   # R1 tags and template parts are single tokens
-  c.task.kwargs = ml_collections.ConfigDict(dict(
-      ops=("+",), train_digits=(2, 3), test_digits=(3, 3), test_size=1000))
-  # The cold-start traces come from an imperfect teacher that drops the final carry digit
-  # of the answer in 70% of the sums that need one; rewards and evaluation use true sums.
-  c.task.trace_overrides = ml_collections.ConfigDict(dict(trace_slip_rate=0.7))
+  # R1 tags and template parts are single tokens (char+words). The cold-start traces come
+  # from an imperfect teacher that drops the final carry digit of the answer in 70% of the
+  # sums that need one; rewards and evaluation use true sums.
+  experiment.set_task(c, "arithmetic", tokenizer="char+words",
+                      trace_overrides=dict(trace_slip_rate=0.7),
+                      ops=("+",), train_digits=(2, 3), test_digits=(3, 3), test_size=1000)
 
   c.model = presets.get(
       "tiny", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64,
@@ -46,7 +41,6 @@ def get_config(arg=None):
       num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
       max_position_embeddings=128, moe_impl="grouped", attention_impl="naive", scan_layers=False)
 
-  c.sft = sft.sft_defaults()
   c.sft.num_traces = 2000   # a few thousand, as R1's cold start; 6.4 epochs in 800 steps
   c.sft.steps = 800
   c.sft.batch_size = 16
@@ -55,7 +49,6 @@ def get_config(arg=None):
   c.sft.optimizer.lr = 2e-3
   c.sft.optimizer.warmup_steps = 20
 
-  c.grpo = rl.grpo_defaults()
   c.grpo.steps = 80
   c.grpo.prompts_per_step = 64
   c.grpo.G = 4
@@ -67,7 +60,6 @@ def get_config(arg=None):
   c.grpo.optimizer.lr = 3e-4
   c.grpo.checkpoint_every = 20
 
-  c.eval = evaluate.eval_defaults()
   c.eval.num_problems = 256
   c.eval.max_new_tokens = 40
 

@@ -1,7 +1,8 @@
 """Entry point: `python -m r1jax.main --config=configs/X.py[:arg] [--workdir=DIR] [--config.f=v]`.
 
-Parses flags and dispatches on `config.mode`; all logic lives in library modules that tests
-and notebooks import too.
+Parses flags and dispatches on `config.mode` (`--config.mode=print_config` lists every field
+of the config with its comment); all logic lives in library modules that tests and notebooks
+import too.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline, sft  # noqa: E402
+from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline  # noqa: E402
+from r1jax.run import print_config, sft  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 
 MODES = {"inspect": inspect_model.run, "sft": sft.run, "grpo": grpo.run,
-         "eval": evaluate.run, "pipeline": pipeline.run}
+         "eval": evaluate.run, "pipeline": pipeline.run, "print_config": print_config.run}
+NO_WORKDIR = ("inspect", "print_config")  # modes that write nothing unless given one
 
 
 def main(argv):
@@ -36,7 +39,7 @@ def main(argv):
     raise app.UsageError("--config is required")
   if cfg.mode not in MODES:
     raise app.UsageError(f"config field 'mode' is {cfg.mode!r}; expected one of {sorted(MODES)}")
-  if cfg.mode != "inspect" and not _WORKDIR.value:
+  if cfg.mode not in NO_WORKDIR and not _WORKDIR.value:
     raise app.UsageError(f"mode {cfg.mode!r} needs --workdir")
   try:
     MODES[cfg.mode](cfg, _WORKDIR.value)  # every mode validates its whole config first

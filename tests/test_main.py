@@ -1,9 +1,9 @@
 """Tests of the entry point `python -m r1jax.main`, run as a user would: in a subprocess.
 
-inspect mode prints counts; pipeline mode on configs/test_tiny.py writes summary.json and
-pipeline.png; eval mode on that workdir reloads the latest GRPO checkpoint; a bad config
-field (of any stage, in every mode), an unknown field or a malformed data file stops the run
-at start-up with a message naming it.
+inspect mode prints counts; print_config prints the fields without a workdir; pipeline mode
+on configs/test_tiny.py writes summary.json and pipeline.png; eval mode on that workdir reloads
+the latest GRPO checkpoint; a bad config field (of any stage, in every mode), an unknown field
+or a malformed data file stops the run at start-up with a message naming it.
 """
 from __future__ import annotations
 
@@ -103,14 +103,17 @@ def test_bad_config_field_stops_before_training(tmp_path):
     ("pipeline", "eval.num_problems=500", "config field 'eval.num_problems': asked for 500"),
     ("pipeline", "sft.steps=-1", "sft config field 'steps' must be >= 1"),
     ("sft", "sft.batch_size=0", "sft config field 'batch_size' must be >= 1"),
-    ("grpo", "grpo.top_p=1.5", "grpo config field 'top_p' must lie in [0, 1]"),
+    ("grpo", "grpo.top_p=1.5", "grpo config field 'top_p' must lie in (0, 1]"),
+    ("sft", "model.moe_impl=pallas", "config field 'model.moe_impl' is 'pallas', which cannot run"),
+    ("pipeline", "sft.seq_len=20", "config field 'sft.seq_len' (20) is shorter than the "
+                                   "cold-start"),
     ("grpo", "grpo.optimizer.lr=-1.0", "grpo.optimizer config field 'lr' must be >= 0"),
     ("eval", "eval.k=0", "eval config field 'k' must be >= 1"),
     ("pipeline", "sft.seq_len=100", "'sft.seq_len' (100) exceeds model.max_position_embeddings"),
     ("pipeline", "grpo.bogus_field=1", "unknown config field 'grpo.bogus_field'; known fields of "
                                        "grpo: G, adv_scale, beta"),
     ("sft", "task.kwargs.digits=3", "unknown config field 'task.kwargs.digits'; known fields of "
-                                    "task.kwargs: ops, test_digits"),
+                                    "task.kwargs: ops, template, test_digits"),
 ])
 def test_a_bad_field_stops_every_mode_at_start_up_naming_it(tmp_path, mode, override, message):
   proc = run_main(f"--config={TEST_CONFIG}:mode={mode}", f"--config.{override}",
@@ -143,6 +146,12 @@ def test_a_removed_field_says_what_replaced_it(tmp_path, field, replacement):
   assert proc.returncode != 0
   assert f"config field '{field}' was removed" in proc.stderr and replacement in proc.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_print_config_needs_no_workdir():
+  proc = _ok(run_main(f"--config={TEST_CONFIG}", "--config.mode=print_config",
+                      "--config.mesh.data=2"))
+  assert "mesh.data = 2" in proc.stdout and "# group size: completions per prompt" in proc.stdout
 
 
 def test_unknown_mode_and_missing_workdir_are_usage_errors(tmp_path):

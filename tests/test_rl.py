@@ -215,7 +215,7 @@ def test_nan_loss_stops_before_the_checkpoint(built, tmp_path):
     ("beta", -0.1, "'beta' must be >= 0"),
     ("steps", 0, "'steps' must be >= 1"),
     ("mu", 0, "'mu' must be >= 1"),
-    ("top_p", 1.5, "'top_p' must lie in \\[0, 1\\]"),
+    ("top_p", 1.5, "'top_p' must lie in \\(0, 1\\]"),
     ("top_k", -1, "'top_k' must be >= 0"),
     ("epsilon_high", -0.2, "'epsilon_high' must be >= 0"),
     ("reward_timeout_s", 0.0, "'reward_timeout_s' must be > 0"),

@@ -1,7 +1,7 @@
-"""`eval` mode: evaluates the latest GRPO (else SFT) checkpoint in workdir. Writes
-workdir/config.json first, then workdir/eval/summary.json (the figures of
-r1jax.train.evaluate plus task, seed, wall time), eval.png (its rates as bars) and the figures
-in TensorBoard (workdir/eval/tb, tags eval/..., at step 0: one evaluation per run)."""
+"""`eval` mode: evaluates the latest GRPO (else SFT) checkpoint in workdir, else the
+config's init_from_hf checkpoint. Writes workdir/config.json first, then
+workdir/eval/summary.json (the figures of r1jax.train.evaluate plus task, seed, wall time),
+eval.png (its rates as bars) and the figures in TensorBoard (workdir/eval/tb, tags eval/..., at step 0: one evaluation per run)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ def run(cfg, workdir: str) -> dict:
   t_start = time.time()
   task, tokenizer, model_cfg = experiment.build(cfg)
   metrics.write_config(workdir, cfg)
-  params = experiment.latest_params(cfg, workdir, model_cfg)
+  params = experiment.params_to_evaluate(cfg, workdir, model_cfg)
   result = evaluate.evaluate(params, model_cfg, task, tokenizer, cfg.eval, seed=cfg.seed,
                              mesh=experiment.rollout_mesh_of(cfg))
   print(json.dumps(result, indent=2))

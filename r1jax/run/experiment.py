@@ -1,23 +1,31 @@
-"""The experiment assembly every mode shares: config arguments, the task, tokenizer and
-model config of a run, its mesh, its initial parameters, and restoring a stage's checkpoint.
+"""The experiment assembly every mode shares: the config skeleton, config arguments, the
+task, tokenizer and model config of a run, its mesh, its initial parameters (random or an HF
+checkpoint), and restoring a stage's checkpoint.
 
-A run's config (configs/*.py) holds mode, seed, task, model, mesh and one sub-config per
-stage (sft, grpo, eval); every mode calls `validate` first, and `build` validates the
-model config.
+Every run config (configs/*.py) starts from `base_config()`, so every optional field exists
+with a default in every config and `--config.FIELD=value` can set it. Every mode calls
+`validate` (the fields alone) and then `build`, which checks the data against the lengths
+(`validate_run`): both before any work.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
+import inspect
+import math
 import os
 
 import jax
 import ml_collections
+import numpy as np
+import pallas_kernels
 
 from r1jax import sharding
+from r1jax.data import datasets as data_lib
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import config as config_lib
-from r1jax.model import decoder, moe
+from r1jax.model import decoder, hf, moe
 from r1jax.tasks import base as task_base
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import evaluate as eval_lib
@@ -86,10 +94,113 @@ class ConfigError(ValueError):
   """A config field no stage can use; the message names it (main prints it, no traceback)."""
 
 
+# ============================================================================ the skeleton
+
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+  """One device count per mesh axis (sharding.MESH_AXES); all 1 = no mesh (one device)."""
+  c = ml_collections.ConfigDict()
+  c.data = 1     # pure data parallel; -1 = the devices the other axes leave
+  c.fsdp = 1     # data parallel with parameters sharded ZeRO-3 style
+  c.expert = 1   # routed experts split across devices
+  c.tensor = 1   # heads and FFN hidden split across devices
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run config has, with its default; configs/*.py start from this and change
+  what they need, so every config has the same fields."""
+  c = ml_collections.ConfigDict()
+  c.mode = "pipeline"               # pipeline | sft | grpo | eval | print_config (r1jax.main.MODES)
+  c.seed = 0                        # parameters, data order and sampling
+  c.control = True                  # pipeline: also train the SFT control arm for GRPO's time
+  c.mesh = mesh_defaults()          # training mesh (axis sizes); all 1 = one device
+  c.rollout_mesh = mesh_defaults()  # GRPO sampling and eval mesh; all 1 = the training mesh
+  c.init_from_hf = ""               # HF checkpoint dir every stage starts from ('' = random init)
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "arithmetic"        # a registered task (r1jax.tasks.task_names())
+  c.task.tokenizer = "auto"         # 'auto' | 'char' | 'char+words' | 'byte' (tokenizer.for_task)
+  c.task.kwargs = task_kwargs_defaults("arithmetic")  # the task's options (set_task fills them)
+  c.task.trace_overrides = ml_collections.ConfigDict()  # task options of the cold-start traces only
+  c.model = config_lib.model_defaults()  # with init_from_hf only RUN_MODEL_FIELDS count
+  c.sft = sft.sft_defaults()
+  c.grpo = rl.grpo_defaults()
+  c.eval = eval_lib.eval_defaults()
+  return c
+
+
+def _task_class(name: str):
+  if name not in task_base._REGISTRY:  # pylint: disable=protected-access
+    raise ConfigError(f"config field 'task.name' is {name!r}; registered: "
+                      f"{task_base.task_names()}")
+  module, cls_name = task_base._REGISTRY[name].split(":")  # pylint: disable=protected-access
+  return getattr(importlib.import_module(module), cls_name)
+
+
+def task_options(name: str) -> dict:
+  """The options of task `name` (its constructor's keyword arguments) -> default, None where
+  it has none."""
+  params = inspect.signature(_task_class(name).__init__).parameters
+  return {k: (None if p.default is inspect.Parameter.empty else p.default)
+          for k, p in params.items() if k != "self"}
+
+
+def task_kwargs_defaults(name: str, **kwargs) -> ml_collections.ConfigDict:
+  """task.kwargs for task `name`: every option with a default (None ones left out: a None
+  field cannot be set from the command line), then `kwargs`."""
+  options = task_options(name)
+  unknown = sorted(set(kwargs) - set(options))
+  if unknown:
+    raise ValueError(f"task {name!r} has no option(s) {unknown}; its options: {sorted(options)}")
+  out = {k: v for k, v in options.items() if v is not None}
+  out.update(kwargs)
+  return ml_collections.ConfigDict(out)
+
+
+def set_task(c, name: str, tokenizer: str = "auto", trace_overrides=None, **kwargs) -> None:
+  """Sets the config's task: name, tokenizer, kwargs (every option, see task_kwargs_defaults)
+  and the options the cold-start traces change."""
+  c.task.name = name
+  c.task.tokenizer = tokenizer
+  c.task.kwargs = task_kwargs_defaults(name, **kwargs)
+  c.task.trace_overrides = ml_collections.ConfigDict(dict(trace_overrides or {}))
+
+
+def _resolve_task_switch(cfg) -> None:
+  """task.kwargs / trace_overrides written for another task (task.name was changed, e.g.
+  `--config.task.name=countdown` on an arithmetic config) give way to the named task's
+  defaults, with a note. An option no task has stays, and get_task names it."""
+  name = cfg.task.name
+  own = set(task_options(name))
+  for field in ("kwargs", "trace_overrides"):
+    keys = set(cfg.task[field].keys())
+    foreign = sorted(keys - own)
+    if not foreign:
+      continue
+    owners = [n for n in task_base.task_names() if n != name and keys <= set(_safe_options(n))]
+    if not owners:
+      continue
+    print(f"note: task.{field} {sorted(keys)} are options of task {owners[0]!r}, not of "
+          f"{name!r}: using the defaults of task {name!r}")
+    cfg.task[field] = (task_kwargs_defaults(name) if field == "kwargs"
+                       else ml_collections.ConfigDict())
+
+
+def _safe_options(name):
+  try:
+    return task_options(name)
+  except ImportError:  # a task whose optional dependency is missing (tfds)
+    return {}
+
+
+# ============================================================================ validation
+
+
 def validate(cfg) -> None:
-  """Checks every stage's config (sft, grpo, eval) and the sequence lengths against the
-  model's positions, so that every mode stops before any work on a field no stage could use;
-  ConfigError names the field."""
+  """Checks every stage's config (sft, grpo, eval), the meshes, init_from_hf and the MoE
+  dispatch for the devices, so that every mode stops before any work on a field no stage
+  could use; ConfigError names the field. The checks that need the task's data and the
+  model config run in `build` (validate_run)."""
   try:
     _validate(cfg)
   except ConfigError:
@@ -100,22 +211,122 @@ def validate(cfg) -> None:
 
 def _validate(cfg) -> None:
   for field in ("mesh", "rollout_mesh"):
-    if cfg.get(field):
-      try:
-        sharding.make_mesh(dict(cfg[field]))
-      except ValueError as e:
-        raise ConfigError(f"config field {field!r}: {e}") from None
+    try:
+      _mesh(cfg.get(field))
+    except ValueError as e:
+      raise ConfigError(f"config field {field!r}: {e}") from None
+  _task_class(cfg.task.name)  # an unknown task name stops here, naming the field
+  if cfg.init_from_hf and not os.path.isfile(os.path.join(cfg.init_from_hf, "config.json")):
+    raise ConfigError(f"config field 'init_from_hf': no config.json in {cfg.init_from_hf!r} "
+                      "(an HF checkpoint directory holds config.json and *.safetensors)")
   sft.validate(cfg.sft)
   rl.validate(cfg.grpo)
   eval_lib.validate(cfg.eval)
-  max_pos = cfg.model.max_position_embeddings
+  check_dispatch(cfg.model.moe_impl, _training_devices(cfg))
+
+
+def runnable_impls(devices) -> list[str]:
+  """The registered MoE dispatches (moe.DISPATCH_IMPLS) that run on these devices, and
+  'auto'. 'pallas' runs compiled on one TPU or GPU only: on CPU its kernels only run
+  interpreted (slowly, and not under every transform the steps use), and XLA cannot
+  partition a Pallas kernel inside a jit over a multi-device mesh (moe.auto_impl)."""
+  devices = list(devices)
+  out = []
+  for name in sorted(moe.DISPATCH_IMPLS):
+    if name == "pallas" and (pallas_kernels.interpret_for(devices) or len(devices) > 1):
+      continue
+    out.append(name)
+  return out + ["auto"]
+
+
+def check_dispatch(impl: str, devices) -> None:
+  """ConfigError naming model.moe_impl when `impl` cannot run on `devices`."""
+  ok = runnable_impls(devices)
+  if impl in moe.DISPATCH_IMPLS and impl not in ok:
+    platforms = sorted({d.platform for d in devices})
+    raise ConfigError(f"config field 'model.moe_impl' is {impl!r}, which cannot run on "
+                      f"{len(devices)} {'/'.join(platforms)} device(s) of the training mesh; "
+                      f"these can: {', '.join(ok)}")
+
+
+def validate_run(cfg, task, tokenizer, model_cfg) -> None:
+  """The checks that need the task's data and the model config, cheap enough for start-up:
+
+  the tokenizer's vocab fits the model's (and equals it in modes that sample); sft.seq_len,
+  and prompt + max_new_tokens of GRPO and eval, fit model.max_position_embeddings; the
+  longest prompt of a sample of the train split (the first 256 examples, or all of a smaller
+  source) fits grpo.max_prompt_len; the longest held-out prompt + eval.max_new_tokens fits
+  the model's positions; the longest cold-start trace (prompt + trace + <eos>) fits
+  sft.seq_len; the splits hold sft.num_traces and eval.num_problems examples. ConfigError
+  names the field.
+  """
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    where = (f"the checkpoint in init_from_hf={cfg.init_from_hf!r} has vocab_size "
+             f"{model_cfg.vocab_size}" if cfg.init_from_hf else
+             f"model.vocab_size is {model_cfg.vocab_size}")
+    raise ConfigError(f"config field 'task.tokenizer' ({cfg.task.tokenizer!r}) gives a "
+                      f"vocabulary of {tokenizer.vocab_size} tokens, but {where}: ids past it "
+                      "would be clamped silently; pick a tokenizer that fits")
+  if tokenizer.vocab_size < model_cfg.vocab_size and cfg.mode in SAMPLING_MODES:
+    raise ConfigError(f"config field 'init_from_hf': the checkpoint's vocab_size "
+                      f"({model_cfg.vocab_size}) exceeds the {tokenizer.vocab_size} tokens of "
+                      f"task.tokenizer={cfg.task.tokenizer!r}, and mode {cfg.mode!r} samples: "
+                      "a sampled id past the tokenizer's would not decode. Mode 'sft' trains "
+                      "with it; sampling needs a tokenizer of the checkpoint's size")
+  max_pos = model_cfg.max_position_embeddings
   if cfg.sft.seq_len > max_pos:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
-                     f"model.max_position_embeddings ({max_pos})")
+                      f"model.max_position_embeddings ({max_pos})")
   width = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
   if width > max_pos:
     raise ConfigError(f"config fields 'grpo.max_prompt_len' + 'grpo.max_new_tokens' ({width}) "
-                     f"exceed model.max_position_embeddings ({max_pos})")
+                      f"exceed model.max_position_embeddings ({max_pos})")
+  source = task.source("train", seed=cfg.seed)
+  train = [source[i] for i in range(min(len(source), _SAMPLE))]
+  longest, uid = _longest(task, train,
+                          lambda ex: len(tokenizer.encode(task.prompt(ex), add_bos=True)))
+  if longest > cfg.grpo.max_prompt_len:
+    raise ConfigError(f"config field 'grpo.max_prompt_len' ({cfg.grpo.max_prompt_len}) is "
+                      f"shorter than the train prompt {uid} ({longest} tokens with <bos>)")
+  try:
+    heldout = eval_lib.heldout_examples(task, cfg.eval)
+  except ValueError as e:
+    raise ConfigError(f"config field 'eval.num_problems': {e}") from None
+  longest, uid = _longest(task, heldout,
+                          lambda ex: len(tokenizer.encode(task.prompt(ex), add_bos=True)))
+  if longest + cfg.eval.max_new_tokens > max_pos:
+    raise ConfigError(f"config field 'eval.max_new_tokens' ({cfg.eval.max_new_tokens}) + the "
+                      f"held-out prompt {uid} ({longest} tokens) exceed "
+                      f"model.max_position_embeddings ({max_pos})")
+  traces = trace_task(cfg).source("train", seed=cfg.seed) if cfg.task.trace_overrides else source
+  if cfg.sft.num_traces > len(traces):
+    raise ConfigError(f"config field 'sft.num_traces' ({cfg.sft.num_traces}) exceeds the "
+                      f"{len(traces)} train examples of task {cfg.task.name!r}")
+  n = min(cfg.sft.num_traces, _SAMPLE)  # the traces are the first num_traces train examples
+  sample = train[:n] if traces is source else [traces[i] for i in range(n)]
+  longest, uid = _longest(task, sample, lambda ex: len(data_lib.sft_sequence(task, ex,
+                                                                             tokenizer)[0]))
+  if longest > cfg.sft.seq_len:
+    raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) is shorter than the "
+                      f"cold-start trace {uid} ({longest} tokens: prompt, trace and <eos>)")
+
+
+_SAMPLE = 256  # examples whose lengths validate_run measures per split
+SAMPLING_MODES = ("pipeline", "grpo", "eval")  # modes that decode sampled token ids
+
+
+def _longest(task, examples, length) -> tuple[int, str]:
+  """(the longest length(ex) over the first _SAMPLE examples, that example's uid)."""
+  best, uid = 0, ""
+  for i in range(min(len(examples), _SAMPLE)):
+    ex = examples[i]
+    n = length(ex)
+    if n > best:
+      best, uid = n, repr(ex.uid or f"{task.name} #{i}")
+  return best, uid
+
+
+# ============================================================================ config arguments
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -140,42 +351,98 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def build(cfg):
-  """(task, tokenizer, model_cfg) from an experiment config; the vocab follows the tokenizer.
+# ============================================================================ assembly
 
-  The model config is validated here, once per mode, and moe_impl='auto' is resolved for
-  the devices of the config's mesh (one device without one).
+# Model fields that say how to run the model, not what it is: with init_from_hf they come
+# from the run's config; every other model field comes from the checkpoint's config.json.
+RUN_MODEL_FIELDS = ("attention_impl", "moe_impl", "pallas_backend", "pallas_tile_m",
+                    "pallas_tile_k", "pallas_tile_n", "scan_layers", "param_dtype", "dtype",
+                    "mtp_depth", "mtp_lambda", "seq_aux_alpha", "init_std")
+
+
+def build(cfg):
+  """(task, tokenizer, model_cfg) from an experiment config, checked by `validate_run`.
+
+  Without init_from_hf the model is cfg.model with the vocab following the tokenizer; with
+  it, the checkpoint's config.json with cfg.model's RUN_MODEL_FIELDS (mtp_depth: the MTP
+  modules to load, 0 = none). moe_impl='auto' is resolved for the devices of the config's
+  mesh (one device without one).
   """
-  task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
-  model_cfg = copy.deepcopy(cfg.model)
-  model_cfg.vocab_size = tokenizer.vocab_size
-  config_lib.validate_model_config(model_cfg)
-  mesh = mesh_of(cfg)
-  # Without a mesh every step runs on one device.
-  model_cfg.moe_impl = moe.resolve_impl(model_cfg, jax.devices()[:1] if mesh is None else mesh)
+  try:
+    _resolve_task_switch(cfg)
+    task = task_base.get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f"config field 'task.kwargs': {e}") from None
+  try:
+    tokenizer = tokenizer_lib.for_task(task, cfg.task.tokenizer)
+  except ValueError as e:
+    raise ConfigError(f"config field 'task.tokenizer': {e}") from None
+  if cfg.init_from_hf:
+    model_cfg = hf_model_config(cfg)
+  else:
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.vocab_size = tokenizer.vocab_size
+    try:
+      config_lib.validate_model_config(model_cfg)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  model_cfg.moe_impl = moe.resolve_impl(model_cfg, _training_devices(cfg))
+  validate_run(cfg, task, tokenizer, model_cfg)
   return task, tokenizer, model_cfg
 
 
-def mesh_of(cfg):
-  """The config's device mesh from `cfg.mesh` (axis sizes, e.g. {'data': -1}; see
-  sharding.make_mesh), or None (absent or empty: one device)."""
-  shape = cfg.get("mesh")
+def hf_model_config(cfg):
+  """The model config of the checkpoint in cfg.init_from_hf (its config.json) with the run's
+  RUN_MODEL_FIELDS; ConfigError naming init_from_hf for a directory it cannot use."""
+  try:
+    hf_config = hf.read_config(cfg.init_from_hf)
+    return hf.config_from_hf(hf_config, **{k: cfg.model[k] for k in RUN_MODEL_FIELDS})
+  except ValueError as e:
+    raise ConfigError(f"config field 'init_from_hf' ({cfg.init_from_hf!r}): {e}") from None
+
+
+def _mesh_shape(shape) -> dict:
+  """Axis sizes of a mesh field; {} for none (absent, empty or every axis 1)."""
+  if not shape:
+    return {}
+  shape = shape.to_dict() if isinstance(shape, ml_collections.ConfigDict) else dict(shape)
+  return {} if all(v == 1 for v in shape.values()) else shape
+
+
+def _mesh(shape):
+  """The mesh of a mesh field, or None; without a -1 axis it takes the first devices."""
+  shape = _mesh_shape(shape)
   if not shape:
     return None
-  return sharding.make_mesh(dict(shape))
+  devices = jax.devices()
+  if -1 not in shape.values():
+    n = math.prod(shape.values())
+    if 0 < n <= len(devices):
+      devices = devices[:n]
+  return sharding.make_mesh(shape, devices)
+
+
+def mesh_of(cfg):
+  """The config's training mesh from `cfg.mesh` (axis sizes over data, fsdp, expert, tensor;
+  one may be -1, see sharding.make_mesh), or None (every axis 1: one device)."""
+  return _mesh(cfg.get("mesh"))
+
+
+def _training_devices(cfg) -> list:
+  mesh = mesh_of(cfg)
+  return jax.devices()[:1] if mesh is None else list(np.asarray(mesh.devices).flat)
 
 
 def rollout_mesh_of(cfg):
-  """The mesh rollouts run on (GRPO's sampling, evaluation): `cfg.rollout_mesh` when set,
-  else the training mesh (`mesh_of`). A rollout mesh of its own, e.g. {'data': -1} with
-  training on one device, runs one rollout per device: on a CPU host (with one host device
-  per core, as `r1jax.main` sets up) the decode loop's small ops then use every core,
-  which one device's loop does not."""
-  shape = cfg.get("rollout_mesh")
-  if not shape:
-    return mesh_of(cfg)
-  return sharding.make_mesh(dict(shape))
+  """The mesh rollouts run on (GRPO's sampling, evaluation): `cfg.rollout_mesh` when any
+  axis is not 1, else the training mesh (`mesh_of`). A rollout mesh of its own, e.g.
+  data=-1 with training on one device, runs one rollout per device: on a CPU host (with one
+  host device per core, as `r1jax.main` sets up) the decode loop's small ops then use every
+  core, which one device's loop does not."""
+  mesh = _mesh(cfg.get("rollout_mesh"))
+  return mesh_of(cfg) if mesh is None else mesh
 
 
 def trace_task(cfg):
@@ -184,13 +451,36 @@ def trace_task(cfg):
   return task_base.get_task(cfg.task.name, **kwargs)
 
 
-def init_params(model_cfg, seed: int, mesh=None):
-  """Random initial parameters; with a mesh, initialised shape-first in place on the devices
+def initial_params(cfg, model_cfg, mesh=None):
+  """The parameters every stage starts from without a checkpoint of its own: the HF
+  checkpoint in cfg.init_from_hf (its safetensors, placed on the mesh), else a random init
+  from cfg.seed; with a mesh initialised shape-first in place on the devices
   (`sharding.init_sharded_params`), so no host holds the whole set."""
-  key = jax.random.key(seed)
+  if cfg.init_from_hf:
+    overrides = {k: model_cfg[k] for k in RUN_MODEL_FIELDS}
+    try:
+      _, params = hf.load_checkpoint(cfg.init_from_hf, **overrides)
+    except ValueError as e:
+      raise ConfigError(f"config field 'init_from_hf' ({cfg.init_from_hf!r}): {e}") from None
+    print(f"loaded HF checkpoint {cfg.init_from_hf}")
+    if mesh is None:
+      return jax.tree.map(jax.numpy.asarray, params)
+    return sharding.place_params(params, model_cfg, mesh)
+  key = jax.random.key(cfg.seed)
   if mesh is None:
     return decoder.init_params(model_cfg, key)
   return sharding.init_sharded_params(model_cfg, key, mesh)
+
+
+def params_to_evaluate(cfg, workdir: str, model_cfg):
+  """The latest stage checkpoint in workdir (`latest_params`); without one, the HF
+  checkpoint of cfg.init_from_hf when set (evaluating it as released)."""
+  try:
+    return latest_params(cfg, workdir, model_cfg)
+  except ValueError:
+    if not cfg.init_from_hf:
+      raise
+  return initial_params(cfg, model_cfg)
 
 
 def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):

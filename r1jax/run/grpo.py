@@ -23,9 +23,9 @@ def run(cfg, workdir: str):
     params = experiment.latest_params(cfg, workdir, model_cfg)
     init = "checkpoint"
   except ValueError:
-    print("no SFT checkpoint in workdir: starting from random init (R1-Zero)")
-    params = experiment.init_params(model_cfg, cfg.seed, mesh)
-    init = "random"
+    init = "init_from_hf" if cfg.init_from_hf else "random"
+    print(f"no checkpoint in workdir: GRPO starts from {cfg.init_from_hf or 'random init'}")
+    params = experiment.initial_params(cfg, model_cfg, mesh)
   params, info = rl.train(model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer,
                           params=params, task_name=cfg.task.name,
                           task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed, mesh=mesh,

@@ -83,7 +83,7 @@ def run(cfg, workdir: str) -> dict:
         f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
 
   mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
-  params0 = experiment.init_params(model_cfg, cfg.seed, mesh)
+  params0 = experiment.initial_params(cfg, model_cfg, mesh)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
   evaluate = lambda name, step, params: _evaluate(book, name, step, workdir, params, model_cfg,
                                                   task, tokenizer, cfg.eval, cfg.seed,

@@ -20,7 +20,7 @@ def run(cfg, workdir: str):
   metrics.write_config(workdir, cfg)
   mesh = experiment.mesh_of(cfg)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
-  params = experiment.init_params(model_cfg, cfg.seed, mesh)
+  params = experiment.initial_params(cfg, model_cfg, mesh)
   params, info = sft.train(model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer,
                            params=params, examples=traces, seed=cfg.seed, mesh=mesh)
   counts = decoder.count_params(model_cfg)

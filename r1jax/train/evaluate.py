@@ -25,11 +25,11 @@ HELDOUT_SEED = 1234
 
 def eval_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.split = "test"
-  c.num_problems = 256
-  c.k = 1                 # samples per problem
+  c.split = "test"        # the split held-out problems come from
+  c.num_problems = 256    # the first num_problems of the split drawn with HELDOUT_SEED
+  c.k = 1                 # samples per problem (pass@1 over k, maj@k)
   c.temperature = 0.0     # 0 = greedy
-  c.max_new_tokens = 64
+  c.max_new_tokens = 64   # completion tokens per sample
   c.batch_size = 256      # rows per generate call
   return c
 
@@ -42,6 +42,13 @@ def validate(ecfg) -> None:
   if not ecfg.temperature >= 0:
     raise ValueError(f"eval config field 'temperature' must be >= 0 (0 = greedy), "
                      f"got {ecfg.temperature}")
+  if "top_p" in ecfg and not 0 < ecfg.top_p <= 1:
+    raise ValueError(f"eval config field 'top_p' must lie in (0, 1] (1 = off), got {ecfg.top_p}")
+  if "top_k" in ecfg and (not isinstance(ecfg.top_k, int) or ecfg.top_k < 0):
+    raise ValueError(f"eval config field 'top_k' must be >= 0 and an int (0 = off), "
+                     f"got {ecfg.top_k!r}")
+  if ecfg.split not in base.SPLITS:
+    raise ValueError(f"eval config field 'split' must be one of {base.SPLITS}, got {ecfg.split!r}")
 
 
 def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, seed: int = 0,

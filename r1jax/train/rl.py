@@ -81,10 +81,10 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.prompts_per_step = 32      # B, distinct prompts per step
   c.G = 8                      # group size: completions per prompt
   c.temperature = 1.0          # sampling temperature for rollouts
-  c.top_p = 1.0
-  c.top_k = 0
-  c.max_prompt_len = 32
-  c.max_new_tokens = 64
+  c.top_p = 1.0                # nucleus sampling mass kept, in (0, 1] (1 = off)
+  c.top_k = 0                  # sample among the k likeliest tokens (0 = off)
+  c.max_prompt_len = 32        # prompt tokens with <bos>; every train prompt must fit
+  c.max_new_tokens = 64        # completion tokens per rollout
   c.mu = 1                     # update epochs over each batch (1 = on-policy)
   c.minibatches = 1            # gradient steps per epoch
   c.loss = "grpo"              # 'grpo' | 'dapo' | 'dr_grpo' | 'gspo' (grpo.POLICY_LOSSES)
@@ -104,8 +104,8 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.overlong_cache_len = 0     # DAPO's L_cache (L_max = max_new_tokens); > 0 for 'overlong'
   c.reward_workers = 0         # 0 = score in-process; > 0 = VerifierPool processes
   c.reward_timeout_s = 10.0    # per-item deadline in the pool
-  c.checkpoint_every = 25
-  c.max_to_keep = 2
+  c.checkpoint_every = 25      # steps between checkpoints
+  c.max_to_keep = 2            # checkpoints kept
   c.optimizer = optim.optimizer_defaults()
   c.optimizer.lr = 3e-5
   c.optimizer.warmup_steps = 5
@@ -134,16 +134,18 @@ def validate(gcfg) -> None:
   if gcfg.kl not in grpo.KL_ESTIMATORS:
     raise ValueError(f"grpo config field 'kl' must be one of {sorted(grpo.KL_ESTIMATORS)}, "
                      f"got {gcfg.kl!r}")
-  if gcfg.temperature <= 0:
-    raise ValueError("grpo config field 'temperature' must be > 0 (GRPO samples)")
+  if not gcfg.temperature > 0:
+    raise ValueError(f"grpo config field 'temperature' must be > 0 (GRPO samples), "
+                     f"got {gcfg.temperature}")
   for field in ("beta", "epsilon_low", "epsilon_high", "max_refills", "ref_reset_every",
                 "reward_workers"):
     if gcfg[field] < 0:
       raise ValueError(f"grpo config field {field!r} must be >= 0, got {gcfg[field]}")
-  if not 0 <= gcfg.top_p <= 1:
-    raise ValueError(f"grpo config field 'top_p' must lie in [0, 1] (1 = off), got {gcfg.top_p}")
-  if gcfg.top_k < 0:
-    raise ValueError(f"grpo config field 'top_k' must be >= 0 (0 = off), got {gcfg.top_k}")
+  if not 0 < gcfg.top_p <= 1:
+    raise ValueError(f"grpo config field 'top_p' must lie in (0, 1] (1 = off), got {gcfg.top_p}")
+  if not isinstance(gcfg.top_k, int) or gcfg.top_k < 0:
+    raise ValueError(f"grpo config field 'top_k' must be >= 0 and an int (0 = off), "
+                     f"got {gcfg.top_k!r}")
   if not gcfg.reward_timeout_s > 0:
     raise ValueError(f"grpo config field 'reward_timeout_s' must be > 0, "
                      f"got {gcfg.reward_timeout_s}")

@@ -25,11 +25,11 @@ from r1jax.train.guards import check_finite, check_params_finite, global_norm
 def sft_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_traces = 256          # cold-start examples with traces (R1 used thousands)
-  c.steps = 300
+  c.steps = 300               # optimizer steps
   c.batch_size = 16           # packed rows per step
-  c.seq_len = 256
-  c.checkpoint_every = 100
-  c.max_to_keep = 2
+  c.seq_len = 256             # tokens per packed row; every trace (prompt + trace + <eos>) must fit
+  c.checkpoint_every = 100    # steps between checkpoints
+  c.max_to_keep = 2           # checkpoints kept
   c.optimizer = optim.optimizer_defaults()
   return c
 
