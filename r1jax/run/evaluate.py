@@ -1,7 +1,8 @@
 """`eval` mode: evaluates the latest GRPO (else SFT) checkpoint in workdir, else the
 config's init_from_hf checkpoint. Writes workdir/config.json first, then
 workdir/eval/summary.json (the figures of r1jax.train.evaluate plus task, seed, wall time),
-eval.png (its rates as bars) and the figures in TensorBoard (workdir/eval/tb, tags eval/..., at step 0: one evaluation per run)."""
+eval.png (its rates as bars) and the figures in TensorBoard (workdir/eval/tb, tags eval/...,
+at step 0: one evaluation per run)."""
 from __future__ import annotations
 
 import json
