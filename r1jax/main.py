@@ -20,12 +20,16 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline, sft  # noqa: E402
+from r1jax.run import pretrain  # noqa: E402
+from r1jax.run import r1_zero  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 
 MODES = {"inspect": inspect_model.run, "sft": sft.run, "grpo": grpo.run,
-         "eval": evaluate.run, "pipeline": pipeline.run}
+         "eval": evaluate.run, "pipeline": pipeline.run,
+         "pretrain": pretrain.run,
+         "r1_zero": r1_zero.run}
 
 
 def main(argv):

@@ -112,6 +112,11 @@ def _validate(cfg) -> None:
   if cfg.sft.seq_len > max_pos:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
                      f"model.max_position_embeddings ({max_pos})")
+  if "pretrain" in cfg:
+    sft.validate_pretrain(cfg.pretrain)
+    if cfg.pretrain.seq_len > max_pos:
+      raise ConfigError(f"config field 'pretrain.seq_len' ({cfg.pretrain.seq_len}) exceeds "
+                        f"model.max_position_embeddings ({max_pos})")
   width = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
   if width > max_pos:
     raise ConfigError(f"config fields 'grpo.max_prompt_len' + 'grpo.max_new_tokens' ({width}) "
@@ -217,10 +222,14 @@ def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):
 
 
 def latest_params(cfg, workdir: str, model_cfg):
-  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
-  for name, ocfg, extra in (("grpo", cfg.grpo.optimizer, ("ref_params",)),
-                            ("sft", cfg.sft.optimizer, ())):
+  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one, else of the
+  pretrain one (looked for when the config has a `pretrain` stage)."""
+  stages = [("grpo", cfg.grpo.optimizer, ("ref_params",)), ("sft", cfg.sft.optimizer, ())]
+  if "pretrain" in cfg:
+    stages.append(("pretrain", cfg.pretrain.optimizer, ()))
+  for name, ocfg, extra in stages:
     params = restore_params(os.path.join(workdir, name), ocfg, model_cfg, extra)
     if params is not None:
       return params
-  raise ValueError(f"no sft or grpo checkpoint found under {workdir}")
+  names = "grpo, sft or pretrain" if "pretrain" in cfg else "sft or grpo"
+  raise ValueError(f"no {names} checkpoint found under {workdir}")

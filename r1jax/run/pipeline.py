@@ -19,37 +19,10 @@ import time
 
 from r1jax.model import decoder
 from r1jax.run import experiment
+from r1jax.run.stages import evaluate as _evaluate, load as _load_stages, save as _save_stages
 from r1jax.train import evaluate as eval_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import rl, sft
-
-STAGES_FILE = "stages.json"
-
-
-def _load_stages(workdir):
-  path = os.path.join(workdir, STAGES_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return {}
-
-
-def _save_stages(workdir, stages):
-  path = os.path.join(workdir, STAGES_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(stages, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
-def _evaluate(stages, key, workdir, params, model_cfg, task, tokenizer, ecfg, seed, mesh):
-  if key not in stages:
-    stages[key] = eval_lib.evaluate(params, model_cfg, task, tokenizer, ecfg, seed=seed,
-                                    mesh=mesh)
-    _save_stages(workdir, stages)
-  r = stages[key]
-  print(f"[{key}] held-out pass@1 {r['pass@1']:.3f}  format {r['format_rate']:.3f}")
-  return r
-
 
 def run(cfg, workdir: str) -> dict:
   """`pipeline` mode (see the module docstring)."""
