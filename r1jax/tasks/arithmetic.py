@@ -109,9 +109,12 @@ class ArithmeticTask(base.Task):
       of the sums whose last column carries, the trace's <answer> drops the leading carry
       digit (its <think> columns stay correct). Chosen per problem by a stable hash. Only
       `trace` changes: the gold `answer`, rewards and evaluation always use the true sum.
+
+  Default GRPO rewards (`default_rewards`): {"accuracy": 1.0}, this task's reward only.
   """
 
   name = "arithmetic"
+  default_rewards = {"accuracy": 1.0}
 
   def __init__(self, ops: Sequence[str] = ("+",), train_digits=(2, 3), test_digits=(4, 4),
                train_size: int = 100_000, test_size: int = 1_000,

@@ -11,8 +11,10 @@ start; `Example.fields` holds what the reward needs besides the gold answer
 (numbers and target for Countdown, tests for code).
 
 Rewards here are binary (1.0 correct and well-formed, 0.0 otherwise), like the
-rule-based accuracy reward of R1-Zero; a separate format reward, if wanted, lives
-in `r1jax.verify.rewards` and is combined by the RL loop.
+rule-based accuracy reward of R1-Zero. The GRPO loop calls this the 'accuracy' component
+and may add the rule-based ones of `r1jax.verify.rewards` (format, language, overlong):
+the config's `grpo.rewards.<name>` weights, where unset, come from the task's
+`default_rewards`.
 """
 from __future__ import annotations
 
@@ -152,6 +154,9 @@ class Task(abc.ABC):
   """A data source + the R1 prompt template + a verifiable reward."""
 
   name: str = "task"
+  # GRPO reward weights for the components a config leaves unset (grpo.rewards.<name> None);
+  # 'accuracy' is `reward` below. Read only: subclasses assign their own dict.
+  default_rewards: dict[str, float] = {"accuracy": 1.0}
 
   def __init__(self, template: str = "compact"):
     self.template = resolve_template(template)

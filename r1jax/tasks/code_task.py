@@ -148,9 +148,12 @@ class CodeTask(base.Task):
     partial_credit: reward = fraction of tests passed (default: 1.0 only if all pass).
     train_size / test_size / test_fraction / template: as in `ArithmeticTask`;
       the split hash is taken over the problem statement.
+
+  Default GRPO rewards (`default_rewards`): {"accuracy": 1.0}, this task's reward only.
   """
 
   name = "code"
+  default_rewards = {"accuracy": 1.0}
 
   def __init__(self, families=tuple(FAMILIES), num_tests: int = NUM_TESTS,
                partial_credit: bool = False, train_size: int = 10_000, test_size: int = 500,

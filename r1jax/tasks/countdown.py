@@ -145,9 +145,12 @@ class CountdownTask(base.Task):
     target_range: (min, max) inclusive range of the target.
     use_all: True = each number exactly once (TinyZero); False = at most once.
     train_size / test_size / test_fraction / template: as in `ArithmeticTask`.
+
+  Default GRPO rewards (`default_rewards`): {"accuracy": 1.0}, this task's reward only.
   """
 
   name = "countdown"
+  default_rewards = {"accuracy": 1.0}
 
   def __init__(self, num_numbers=(3, 4), number_range=(1, 99), target_range=(1, 100),
                use_all: bool = True, train_size: int = 100_000, test_size: int = 1_000,

@@ -216,9 +216,13 @@ class JsonlTask(base.Task):
     strict: raise on the first rejected record (default) or skip such records.
     template: 'r1_zero' (default: these are natural-language problems), 'compact'
       or a custom string with '{question}'.
+
+  Default GRPO rewards (`default_rewards`): {"accuracy": 1.0}, this task's reward only
+  (gsm8k, math and mbpp alike).
   """
 
   fmt = ""
+  default_rewards = {"accuracy": 1.0}
 
   def __init__(self, train_path: str | None = None, test_path: str | None = None,
                strict: bool = True, template: str = "r1_zero"):

@@ -200,9 +200,12 @@ class TfdsTask(base.Task):
     reward: 'math' (equivalence of the <answer>) or 'code' (sandboxed tests in
       fields['tests']); by default 'code' when the first example has tests, else 'math'.
     template: as for JSONL tasks.
+
+  Default GRPO rewards (`default_rewards`): {"accuracy": 1.0}, this task's reward only.
   """
 
   name = "tfds"
+  default_rewards = {"accuracy": 1.0}
 
   def __init__(self, dataset: str, splits: Mapping[str, str] | None = None,
                field_map: Mapping[str, str] | None = None, record_format: str = "example",

@@ -3,8 +3,9 @@
 One step:
   1. take B prompts from the grain iterator and sample G completions each with the sampler
      (its log-probs are pi_old, the policy that sampled);
-  2. score them with the task's verifiable reward (in-process, or in a VerifierPool whose
-     work overlaps the reference model's forward pass);
+  2. score them (Scorer): the task's verifiable reward ('accuracy': in-process, or in a
+     VerifierPool of worker processes) plus the rule-based components of
+     r1jax/verify/rewards.py, composed as grpo.rewards / grpo.reward_mode say;
   3. group-normalised advantages; optionally drop groups whose rewards are all equal and
      refill from new prompts (DAPO's dynamic sampling);
   4. mu epochs over `minibatches` minibatches of the clipped policy loss (grpo.py), AdamW with
@@ -12,9 +13,25 @@ One step:
   5. optionally (optimizer.router_bias_update_rate > 0) the router's correction biases follow
      the observed expert loads; the default keeps them frozen, as V3 did late in pre-training.
 A frozen reference model anchors the KL term (beta > 0), optionally reset to the policy
-every `ref_reset_every` steps. Departures from the paper: rewards are whatever the task
-defines (binary accuracy for the built-in tasks, no separate format reward unless configured)
-and the MTP modules are not trained during RL.
+every `ref_reset_every` steps.
+
+Departures from the paper:
+  - Rewards are a config: grpo.rewards weights 'accuracy' (the task's verifier), 'format',
+    'language' (R1 sec. 2.3's language consistency) and 'overlong' (DAPO's soft overlong
+    punishment, not in R1); unset weights come from the task's `default_rewards`, which is
+    {'accuracy': 1.0} for every built-in task, so by default there is no separate format
+    reward (R1-Zero used accuracy + format rewards). reward_mode='gated' counts accuracy only
+    in a well-formed response.
+  - The MTP modules are not trained during RL (the policy is the main head only; train()
+    says so when the model has them).
+  - With dynamic sampling a refill is sampled only after the previous batch's rewards are
+    known: whether to refill depends on them, so sampling never overlaps scoring there.
+    Without refills the reference forward pass (beta > 0) runs while the rewards are computed.
+
+Time split per step: time_sample_s is sampling only (weights' decode layout, generation,
+detokenising), time_verify_s the seconds the step spends on rewards after sampling (computed
+in-process, or waiting for the pool), time_reward_compute_s what the rewards cost (the pool's
+workers' seconds summed plus the main side), time_train_s the updates.
 
 Every random draw derives from (seed, step), so a run killed at any point and resumed from
 its latest checkpoint ends with exactly the parameters and metrics of an uninterrupted run.
@@ -22,7 +39,9 @@ its latest checkpoint ends with exactly the parameters and metrics of an uninter
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import math
 import os
 import time
 
@@ -41,8 +60,15 @@ from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import grpo, optim
 from r1jax.train import metrics as metrics_lib
 from r1jax.train.guards import check_finite, check_params_finite, global_norm
+from r1jax.verify import rewards as rewards_lib
 
 # ============================================================================ config
+
+# The reward components a config can weight (grpo.rewards.<name>). 'accuracy' is the task's
+# own verifiable reward (Task.reward); the others are the rule-based functions of
+# r1jax/verify/rewards.py.
+REWARD_COMPONENTS = ("accuracy", "format", "language", "overlong")
+_RULE_BASED = REWARD_COMPONENTS[1:]
 
 
 def grpo_defaults() -> ml_collections.ConfigDict:
@@ -67,6 +93,11 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.max_refills = 2            # extra prompt batches per step for dynamic sampling
   c.ref_reset_every = 0        # copy the policy into the reference every N steps (0 = never)
   c.logprob_chunk = 2048       # tokens per chunk for log-probs (never [B, L, V] logits)
+  # One weight per reward component; None = the task's default_rewards (0 if it names none).
+  c.rewards = ml_collections.ConfigDict(
+      {n: ml_collections.config_dict.placeholder(float) for n in REWARD_COMPONENTS})
+  c.reward_mode = "sum"        # 'sum' (weighted sum) | 'gated' (accuracy only if format == 1)
+  c.overlong_cache_len = 0     # DAPO's L_cache (L_max = max_new_tokens); > 0 for 'overlong'
   c.reward_workers = 0         # 0 = score in-process; > 0 = VerifierPool processes
   c.reward_timeout_s = 10.0    # per-item deadline in the pool
   c.checkpoint_every = 25
@@ -115,6 +146,54 @@ def validate(gcfg) -> None:
   if gcfg.max_to_keep < 1:
     raise ValueError(f"grpo config field 'max_to_keep' must be >= 1, got {gcfg.max_to_keep}")
   optim.validate(gcfg.optimizer, "grpo.optimizer")
+  _validate_rewards(gcfg)
+
+
+def _validate_rewards(gcfg) -> None:
+  if gcfg.reward_mode not in rewards_lib.MODES:
+    raise ValueError(f"grpo config field 'reward_mode' must be one of {rewards_lib.MODES}, "
+                     f"got {gcfg.reward_mode!r}")
+  unknown = sorted(set(gcfg.rewards.keys()) - set(REWARD_COMPONENTS))
+  if unknown:
+    raise ValueError(f"grpo.rewards.{unknown[0]} is not a reward component; known: "
+                     f"{list(REWARD_COMPONENTS)}")
+  for name in REWARD_COMPONENTS:
+    w = gcfg.rewards[name]
+    if w is not None and not (math.isfinite(w) and w >= 0):
+      raise ValueError(f"grpo.rewards.{name} must be a finite weight >= 0 (None = the task's "
+                       f"default), got {w}")
+  if gcfg.overlong_cache_len < 0:
+    raise ValueError(f"grpo.overlong_cache_len must be >= 0, got {gcfg.overlong_cache_len}")
+  if gcfg.overlong_cache_len > gcfg.max_new_tokens:
+    raise ValueError(f"grpo.overlong_cache_len ({gcfg.overlong_cache_len}) must be <= "
+                     f"grpo.max_new_tokens ({gcfg.max_new_tokens}), DAPO's L_max")
+  set_weights = {n: gcfg.rewards[n] for n in REWARD_COMPONENTS if gcfg.rewards[n] is not None}
+  _check_weights(gcfg, set_weights, complete=len(set_weights) == len(REWARD_COMPONENTS))
+
+
+def _check_weights(gcfg, weights, *, complete: bool, source: str = "") -> None:
+  """The checks that need the weights: not all zero (when every weight is known), and
+  an overlong weight needs L_cache."""
+  if complete and not any(weights.values()):
+    raise ValueError(f"grpo.rewards: every weight is 0{source}, so every reward would be 0; "
+                     f"give one of {list(REWARD_COMPONENTS)} a weight > 0")
+  if weights.get("overlong") and gcfg.overlong_cache_len < 1:
+    raise ValueError(f"grpo.rewards.overlong > 0{source} needs grpo.overlong_cache_len > 0 "
+                     "(DAPO's L_cache, e.g. max_new_tokens // 4)")
+
+
+def reward_weights(gcfg, task) -> dict[str, float]:
+  """Every component's weight: grpo.rewards.<name>, else task.default_rewards[name], else 0."""
+  defaults = dict(task.default_rewards)
+  unknown = sorted(set(defaults) - set(REWARD_COMPONENTS))
+  if unknown:
+    raise ValueError(f"task {task.name!r} default_rewards names unknown components {unknown}; "
+                     f"known: {list(REWARD_COMPONENTS)}")
+  weights = {n: float(defaults.get(n, 0.0) if gcfg.rewards[n] is None else gcfg.rewards[n])
+             for n in REWARD_COMPONENTS}
+  _check_weights(gcfg, weights, complete=True,
+                 source=f" (with task {task.name!r}'s default_rewards {defaults})")
+  return weights
 
 
 # ============================================================================ jitted pieces
@@ -171,32 +250,102 @@ def make_update_step(model_cfg, gcfg, optimizer):
 # ============================================================================ rollouts
 
 
-class Scorer:
-  """Task rewards in-process, or through a VerifierPool (never raises on a bad item)."""
+@dataclasses.dataclass
+class Scores:
+  """The rewards of one rollout batch.
 
-  def __init__(self, task_name: str, task_kwargs: dict, task, workers: int, timeout_s: float):
+  total: [N] the composed reward (grpo.reward_mode over the weights) that the advantages use.
+  components: name -> [N] raw (unweighted) values: 'accuracy' always (the task's verifier),
+    each rule-based component with a nonzero weight, and 'format' whenever it gates.
+  compute_s: seconds spent computing them (the pool's workers summed, plus the main side).
+  """
+  total: np.ndarray
+  components: dict
+  compute_s: float
+
+
+@dataclasses.dataclass
+class _Pending:
+  prompts: list
+  completions: list
+  fields: list
+  num_tokens: np.ndarray
+  future: object = None  # the pool's, for 'accuracy'
+
+
+class Scorer:
+  """The composed GRPO reward of grpo.rewards / grpo.reward_mode; never raises on a bad item.
+
+  'accuracy' is the task's reward, in-process or in a VerifierPool (workers rebuild the task
+  from (name, kwargs): r1jax.tasks.remote). The rule-based components (format, language,
+  overlong) are cheap regexes and always run here, while the pool works, so both paths give
+  the same per-component values. `submit` only starts the pool; `result` does the rest, so
+  everything a reward costs is spent (and timed) there. An item whose component raises or
+  is not finite scores 0 for that component and counts in `failures`.
+  """
+
+  def __init__(self, task_name: str, task_kwargs: dict, task, gcfg):
     self.task = task
+    self.weights = reward_weights(gcfg, task)
+    self.mode = gcfg.reward_mode
+    self.active = {n: w for n, w in self.weights.items() if w}
+    gate = rewards_lib.needs_gate(self.active, self.mode)
+    self.rule_based = tuple(n for n in _RULE_BASED if n in self.active or
+                            (n == "format" and gate))
+    self.options = {"max_len": gcfg.max_new_tokens, "cache_len": gcfg.overlong_cache_len}
     self._local_failures = 0
+    self._pool_seconds = 0.0
     self.pool = None
-    if workers > 0:
+    if gcfg.reward_workers > 0:
       from r1jax.verify.pool import VerifierPool
       fn = functools.partial(remote.task_reward, task_name, remote.freeze(task_kwargs))
-      self.pool = VerifierPool(fn, num_workers=workers, item_timeout_s=timeout_s)
+      self.pool = VerifierPool(fn, num_workers=gcfg.reward_workers,
+                               item_timeout_s=gcfg.reward_timeout_s)
 
-  def submit(self, prompts, completions, examples):
+  def submit(self, prompts, completions, examples, num_tokens) -> _Pending:
+    """Starts scoring one batch (num_tokens: each completion's length in tokens)."""
+    pending = _Pending(list(prompts), list(completions), [e.reward_kwargs() for e in examples],
+                       np.asarray(num_tokens))
     if self.pool is not None:
-      items = [dict(prompt=p, completion=c, **e.reward_kwargs())
-               for p, c, e in zip(prompts, completions, examples)]
-      return self.pool.submit(items)
-    scores = []
-    for p, c, e in zip(prompts, completions, examples):
-      try:
-        r = float(self.task.reward(p, c, **e.reward_kwargs()))
-        scores.append(r if np.isfinite(r) else 0.0)
-      except Exception:  # a reward failure never stops training: scored 0 and counted
-        self._local_failures += 1
-        scores.append(0.0)
-    return scores
+      pending.future = self.pool.submit(
+          [dict(prompt=p, completion=c, **f)
+           for p, c, f in zip(pending.prompts, pending.completions, pending.fields)])
+    return pending
+
+  def _value(self, fn, *args, **kwargs) -> float:
+    try:
+      r = float(fn(*args, **kwargs))
+    except Exception:  # a reward failure never stops training: scored 0 and counted
+      self._local_failures += 1
+      return 0.0
+    if not math.isfinite(r):
+      self._local_failures += 1
+      return 0.0
+    return r
+
+  def result(self, pending: _Pending) -> Scores:
+    """Waits for (or computes) the batch's rewards."""
+    t0 = time.perf_counter()
+    n = len(pending.completions)
+    values = {name: np.zeros(n, np.float64) for name in ("accuracy",) + self.rule_based}
+    items = list(zip(pending.prompts, pending.completions, pending.fields, pending.num_tokens))
+    for name in self.rule_based:
+      fn = rewards_lib.REWARDS[name]
+      for i, (p, c, f, length) in enumerate(items):
+        values[name][i] = self._value(fn, p, c, **{**self.options, **f, "num_tokens": int(length)})
+    if self.pool is None:
+      for i, (p, c, f, _) in enumerate(items):
+        values["accuracy"][i] = self._value(self.task.reward, p, c, **f)
+      compute_s = time.perf_counter() - t0
+    else:
+      compute_s = time.perf_counter() - t0  # the rule-based part, while the workers work
+      values["accuracy"][:] = pending.future.result()
+      seconds = self.pool.compute_seconds()
+      compute_s += seconds - self._pool_seconds
+      self._pool_seconds = seconds
+    total = np.array([rewards_lib.combine({k: v[i] for k, v in values.items()}, self.active,
+                                          self.mode) for i in range(n)], np.float64)
+    return Scores(total, values, compute_s)
 
   @property
   def failures(self) -> int:
@@ -205,10 +354,6 @@ class Scorer:
     if self.pool is not None:
       n += sum(v for reason, v in self.pool.stats().items() if reason != "ok")
     return n
-
-  @staticmethod
-  def result(handle):
-    return list(handle) if isinstance(handle, list) else handle.result()
 
   def close(self):
     if self.pool is not None:
@@ -250,6 +395,11 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   rollout_mesh: the rollouts' own mesh instead (the weights are placed there once per step).
   """
   validate(gcfg)
+  reward_weights(gcfg, task)  # the task's defaults must make a usable reward: fail early
+  if getattr(model_cfg, "mtp_depth", 0) > 0:
+    print(f"GRPO: the model's {model_cfg.mtp_depth} MTP module(s) are not trained during RL "
+          "(mtp_depth is set to 0 for the policy loss); they keep their SFT/pre-trained weights",
+          flush=True)
   run_dir = os.path.join(workdir, name)
   ds = data_lib.prompt_dataset(task, "train", tokenizer, global_batch_size=gcfg.prompts_per_step,
                                max_prompt_len=gcfg.max_prompt_len, seed=seed)
@@ -263,21 +413,24 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   manager = ckpt_lib.CheckpointManager(run_dir, gcfg.max_to_keep)
   start = 0
   times = {"sample_s": 0.0, "verify_s": 0.0, "train_s": 0.0}
+  steps_no_rows = 0  # steps whose advantages were all 0 (nothing to learn), cumulative
   if manager.latest_step() is not None:
     restored = manager.restore(ckpt_lib.abstract_state(state))
     state, start = restored.state, restored.step
     it.set_state(restored.data_state["iterator"])
     times = dict(restored.data_state["times"])
+    steps_no_rows = int(restored.data_state.get("steps_no_rows", 0))
   update = make_update_step(model_cfg, gcfg, optimizer)
   ref_logprobs = make_ref_logprobs(model_cfg, gcfg)
   sampler = sampler_lib.Sampler(model_cfg, mesh if rollout_mesh is None else rollout_mesh,
                                 param_rules)
-  scorer = Scorer(task_name, task_kwargs or {}, task, gcfg.reward_workers, gcfg.reward_timeout_s)
+  scorer = Scorer(task_name, task_kwargs or {}, task, gcfg)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start if start else None)
   bar = metrics_lib.ProgressBar(gcfg.steps, ("reward_mean", "accuracy", "kl_ref"),
                                 initial=start, desc=name, disable=not progress)
   base_key = jax.random.key(seed)
   n_rows = gcfg.prompts_per_step * gcfg.G
+  steps_no_rows_warned = False
   step = start
   try:
     while step < gcfg.steps and (stop_after is None or step - start < stop_after):
@@ -286,9 +439,10 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       # ---------------------------------------------------------------- sample + score
       t0 = time.perf_counter()
       compile_before = metrics_lib.compile_seconds()
-      groups, tries = [], 0
-      verify_s = 0.0
+      groups, first_scores, tries = [], None, 0
+      verify_s = compute_s = 0.0
       n_sampled = n_tokens = 0
+      ref_logp = None
       clock = metrics_lib.WorkClock()
       dparams = sampler.prepare(state["params"])  # the decode layout, once per step's weights
       sample_s = clock.elapsed()
@@ -297,16 +451,22 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
         clock.start()
         out, texts = rollout(sampler, dparams, gcfg, batch, jax.random.fold_in(step_key, tries),
                              tokenizer)
-        prompts = [p for p in batch.prompts for _ in range(gcfg.G)]
-        examples = [e for e in batch.examples for _ in range(gcfg.G)]
-        handle = scorer.submit(prompts, texts, examples)
         sample_s += clock.elapsed()
+        pending = scorer.submit([p for p in batch.prompts for _ in range(gcfg.G)], texts,
+                                [e for e in batch.examples for _ in range(gcfg.G)], out.lengths)
+        if gcfg.beta > 0 and not gcfg.dynamic_sampling:
+          # Without refills the training rows are exactly this batch: the reference pass
+          # is dispatched now and runs on the device while the rewards are computed.
+          ref_logp = ref_logprobs(state["ref_params"], _place_tokens(out.tokens, mesh, param_rules))
         clock.start()
-        rewards = np.asarray(Scorer.result(handle), np.float64)
+        scores = scorer.result(pending)
         verify_s += clock.elapsed()
+        compute_s += scores.compute_s
+        if first_scores is None:
+          first_scores = scores
         n_sampled += len(texts)
         n_tokens += int(np.asarray(out.lengths).sum())
-        groups.append((out, texts, rewards))
+        groups.append((out, texts, scores.total))
         tries += 1
         if not gcfg.dynamic_sampling or tries > gcfg.max_refills:
           break
@@ -317,11 +477,19 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       # ---------------------------------------------------------------- build the batch
       rows = _assemble(groups, gcfg, n_rows)
       if gcfg.beta > 0:
-        tokens = sharding.place_batch({"tokens": rows["tokens"]}, mesh, param_rules)["tokens"]
-        rows["ref_logp"] = np.asarray(ref_logprobs(state["ref_params"], tokens))
-        rows["ref_logp"] = np.concatenate([np.zeros_like(rows["ref_logp"][:, :1]), rows["ref_logp"]], 1)
+        if ref_logp is None:
+          ref_logp = ref_logprobs(state["ref_params"],
+                                  _place_tokens(rows["tokens"], mesh, param_rules))
+        ref_logp = np.asarray(ref_logp)
+        rows["ref_logp"] = np.concatenate([np.zeros_like(ref_logp[:, :1]), ref_logp], 1)
       else:
         rows["ref_logp"] = np.zeros_like(rows["old_logp"])
+      learns_nothing = not np.any(rows["advantages"])
+      if learns_nothing:
+        if not steps_no_rows_warned:
+          _warn_no_rows(step + 1, first_scores, gcfg)
+          steps_no_rows_warned = True
+        steps_no_rows += 1
       # ---------------------------------------------------------------- mu epochs of updates
       clock.start()
       mb_size = n_rows // gcfg.minibatches
@@ -344,12 +512,16 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       times["sample_s"] += sample_s
       times["verify_s"] += verify_s
       times["train_s"] += train_s
-      info = rows["info"]
-      m_host.update(info)
+      m_host.update(rows["info"])
+      m_host["accuracy"] = float((first_scores.components["accuracy"] >= 1.0).mean())
+      for comp in REWARD_COMPONENTS:
+        if scorer.weights[comp]:
+          m_host[f"reward_{comp}"] = float(first_scores.components[comp].mean())
       m_host.update(
           sample_tokens_per_s=n_tokens / max(sample_s, 1e-9),
           train_tokens_per_s=gcfg.mu * int(rows["mask"].sum()) / max(train_s, 1e-9),
           time_sample_s=sample_s, time_verify_s=verify_s, time_train_s=train_s,
+          time_reward_compute_s=compute_s, steps_no_rows=steps_no_rows,
           step_time_s=time.perf_counter() - t0, sampled=n_sampled,
           time_compile_s=metrics_lib.compile_seconds() - compile_before,
           reward_failures=scorer.failures - failures_before,
@@ -359,7 +531,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       bar.update(step, m_host)
       if step % gcfg.checkpoint_every == 0 or step == gcfg.steps:
         check_params_finite(step, state["params"])
-        manager.save(step, state, data_state={"iterator": it.get_state(), "times": times})
+        manager.save(step, state, data_state={"iterator": it.get_state(), "times": times,
+                                              "steps_no_rows": steps_no_rows})
   finally:
     manager.wait()
     manager.close()
@@ -408,13 +581,29 @@ def _assemble(groups, gcfg, n_rows):
   all_rewards = np.concatenate(rewards_all)
   rows["info"] = {
       "reward_mean": float(first_rewards.mean()), "reward_std": float(first_rewards.std()),
-      "accuracy": float((first_rewards >= 1.0).mean()),
       "format_rate": format_rate(first_texts),
       "groups_all_equal": float((_group_std(first_rewards, gcfg.G) == 0).mean()),
       "completion_length": float(np.concatenate(lengths).mean()),
       "truncation_rate": float(np.concatenate(trunc).mean()),
       "rows_trained": float(kept_rows), "reward_mean_all_samples": float(all_rewards.mean())}
   return rows
+
+
+def _place_tokens(tokens, mesh, param_rules):
+  return sharding.place_batch({"tokens": np.asarray(tokens)}, mesh, param_rules)["tokens"]
+
+
+def _warn_no_rows(step: int, scores: Scores, gcfg) -> None:
+  """Printed once per run: the first step whose advantages are all 0."""
+  values = np.unique(scores.total)
+  seen = f"reward {values[0]:g} for every completion" if len(values) == 1 else \
+      f"rewards {values[:4].tolist()} but equal within every group"
+  print(f"GRPO step {step}: every group of {gcfg.G} completions got the same reward ({seen}), "
+        "so every advantage is 0 and this step learns nothing (grad_norm 0 when beta = 0). "
+        "A policy that never earns the reward stays there: cold-start it with SFT first, add "
+        "a denser reward (e.g. --config.grpo.rewards.format=0.5), or sample more per prompt "
+        "(grpo.G, grpo.temperature; grpo.dynamic_sampling refills such groups). Such steps "
+        "are counted in the metric steps_no_rows; this is not printed again.", flush=True)
 
 
 def format_rate(texts) -> float:

@@ -6,6 +6,7 @@ API:
     future = pool.submit(batch)      # concurrent.futures.Future -> list[float]
     scores = pool.map(batch)         # blocking
     pool.stats()                     # Counter of outcome reasons ('ok', 'timeout', 'error:...')
+    pool.compute_seconds()           # workers' seconds spent on finished items, summed
     pool.close()                     # or use it as a context manager
 
 A batch is a sequence of dicts, each {'prompt': str, 'completion': str, **task_fields};
@@ -75,7 +76,8 @@ def _score_one(reward_fn, item) -> tuple[float, str]:
 
 
 def worker_main(in_fd: int = 0, out_fd: int = 1) -> None:
-  """Loop of a worker process: first frame is the reward fn, then (key, item) -> (key, s, r)."""
+  """Loop of a worker process: first frame is the reward fn, then (key, item) ->
+  (key, score, reason, seconds the item took)."""
   out_fd = os.dup(out_fd)
   os.dup2(2, 1)  # stray prints from reward code go to stderr, not into the protocol
   from r1jax.verify import math as math_lib
@@ -92,8 +94,9 @@ def worker_main(in_fd: int = 0, out_fd: int = 1) -> None:
       key, item = _read(in_fd)
     except EOFError:
       return
+    t0 = time.perf_counter()
     value, reason = _score_one(reward_fn, item)
-    _write(out_fd, (key, value, reason))
+    _write(out_fd, (key, value, reason, time.perf_counter() - t0))
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -151,6 +154,7 @@ class VerifierPool:
     self._lock = threading.Lock()
     self._pending: collections.deque = collections.deque()
     self._stats: collections.Counter = collections.Counter()
+    self._compute_s = 0.0
     self._workers = [_Worker(self._reward_blob) for _ in range(num_workers)]
     self._wake_r, self._wake_w = os.pipe()
     self._closed = False
@@ -182,6 +186,12 @@ class VerifierPool:
     with self._lock:
       return collections.Counter(self._stats)
 
+  def compute_seconds(self) -> float:
+    """Seconds the workers spent on finished items, summed over workers (as each measured
+    it; an item that timed out counts its deadline, one whose worker died nothing)."""
+    with self._lock:
+      return self._compute_s
+
   def close(self):
     with self._lock:
       if self._closed:
@@ -202,9 +212,10 @@ class VerifierPool:
 
   # -- dispatcher thread
 
-  def _finish(self, job: _Job, index: int, value: float, reason: str):
+  def _finish(self, job: _Job, index: int, value: float, reason: str, seconds: float = 0.0):
     job.scores[index] = value
     with self._lock:
+      self._compute_s += seconds
       self._stats[reason] += 1
       count = self._stats[reason]
     if reason != 'ok' and (count <= _LOG_FIRST or count % 100 == 0):
@@ -281,13 +292,13 @@ class VerifierPool:
               self._finish(job, index, 0.0, 'worker_died')
             self._replace(k)
             continue
-          (index, _), value, reason = message
+          (index, _), value, reason, seconds = message
           job, task_index, _ = worker.task
           worker.task = None
-          self._finish(job, task_index, value, reason)
+          self._finish(job, task_index, value, reason, seconds)
         elif worker.task is not None and time.monotonic() >= worker.task[2]:
           job, index, _ = worker.task
-          self._finish(job, index, 0.0, 'timeout')
+          self._finish(job, index, 0.0, 'timeout', self._timeout)
           self._replace(k)
     for job, index, _ in pending:
       if not job.future.done():

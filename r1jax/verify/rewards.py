@@ -25,6 +25,8 @@ each function takes what it needs and ignores the rest.
   mode='sum':   sum_i w_i * r_i.
   mode='gated': the accuracy (or code) term counts only when format_reward == 1 (R1-Zero style:
                 a correct answer in a malformed response earns nothing); other terms are summed.
+`combine(values, weights, mode)` is that same rule on component values computed elsewhere
+(the RL loop takes 'accuracy' from the task's own verifier and the rule-based ones from here).
 """
 from __future__ import annotations
 
@@ -149,7 +151,36 @@ REWARDS: dict[str, RewardFn] = {
     'language': language_reward,
     'overlong': overlong_reward,
 }
+MODES = ('sum', 'gated')
 _GATED = ('accuracy', 'code')
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise ValueError(f"mode must be 'sum' or 'gated', got {mode!r}")
+  return mode
+
+
+def needs_gate(weights: Mapping[str, float], mode: str) -> bool:
+  """Whether `combine` reads values['format'] as the gate (also when format has no weight)."""
+  return mode == 'gated' and any(name in _GATED for name in weights)
+
+
+def combine(values: Mapping[str, float], weights: Mapping[str, float], mode: str = 'sum') -> float:
+  """sum_i weights[i] * values[i]; mode='gated' skips the accuracy/code terms unless
+  values['format'] == 1 (their values may then be missing).
+
+  Raises:
+    ValueError: an unknown mode. KeyError: a weighted value (or the gate) is missing.
+  """
+  check_mode(mode)
+  gate_open = values['format'] >= 1.0 if needs_gate(weights, mode) else True
+  total = 0.0
+  for name, weight in weights.items():
+    if mode == 'gated' and name in _GATED and not gate_open:
+      continue
+    total += float(weight) * float(values[name])
+  return total
 
 
 def make_reward_fn(weights: Mapping[str, float], *, mode: str = 'sum',
@@ -166,8 +197,7 @@ def make_reward_fn(weights: Mapping[str, float], *, mode: str = 'sum',
   Raises:
     ValueError: an unknown reward name or mode, or an empty weights mapping.
   """
-  if mode not in ('sum', 'gated'):
-    raise ValueError(f"mode must be 'sum' or 'gated', got {mode!r}")
+  check_mode(mode)
   if not weights:
     raise ValueError('weights must name at least one reward')
   unknown = set(weights) - set(REWARDS)
@@ -181,13 +211,12 @@ def make_reward_fn(weights: Mapping[str, float], *, mode: str = 'sum',
 
 def _combined(items, mode, options, prompt: str, completion: str, **task_fields) -> float:
   fields = {**options, **task_fields}
-  gate = None
-  total = 0.0
-  for name, weight in items:
-    if mode == 'gated' and name in _GATED:
-      if gate is None:
-        gate = format_reward(prompt, completion)
-      if gate < 1.0:
-        continue
-    total += weight * REWARDS[name](prompt, completion, **fields)
-  return total
+  weights = dict(items)
+  values = {}
+  if needs_gate(weights, mode):
+    values['format'] = format_reward(prompt, completion)
+  for name in weights:
+    if name in values or (mode == 'gated' and name in _GATED and values['format'] < 1.0):
+      continue  # computed already, or shut by the gate (never run)
+    values[name] = REWARDS[name](prompt, completion, **fields)
+  return combine(values, weights, mode)
