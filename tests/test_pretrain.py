@@ -30,15 +30,14 @@ import tiny_runs
 
 def pretrain_config(template: str = "compact"):
   """configs/test_tiny.py with a 4-step pretrain stage (and, for r1_zero, the R1-Zero
-  template and an accuracy + format reward when the config has reward weights)."""
+  template and accuracy + format rewards)."""
   cfg = tiny_runs.load_config()
   cfg.pretrain = sft.pretrain_defaults()
   cfg.pretrain.num_examples, cfg.pretrain.steps, cfg.pretrain.batch_size = 64, 4, 4
   cfg.pretrain.seq_len, cfg.pretrain.checkpoint_every = 64, 2
   cfg.pretrain.optimizer.warmup_steps = 0
   cfg.task.kwargs.template = template
-  if "rewards" in cfg.grpo:
-    cfg.grpo.rewards.accuracy, cfg.grpo.rewards.format = 1.0, 0.5
+  cfg.grpo.rewards.accuracy, cfg.grpo.rewards.format = 1.0, 0.5
   return cfg
 
 
@@ -181,11 +180,13 @@ def test_r1_zero_stopped_in_grpo_resumes_to_a_full_summary(pretrained, tmp_path,
   on_disk = json.load(open(os.path.join(workdir, "summary.json")))
   for key in ("accuracy_before_grpo", "accuracy_after_grpo", "format_rate_before_grpo",
               "format_rate_after_grpo", "grpo_curves", "pretrain_time_s", "grpo_time_s",
-              "wall_time_s", "grpo_steps"):
+              "wall_time_s", "grpo_steps", "reward_weights"):
     assert key in on_disk, key
   assert on_disk["grpo_steps"] == 3
   assert on_disk["accuracy_before_grpo"] == stages["eval_pretrain"]["pass@1"]
-  assert [s for s, _ in on_disk["grpo_curves"]["format_rate"]] == [1, 2, 3]
+  assert on_disk["reward_weights"]["format"] == 0.5
+  for key in ("format_rate", "reward_format", "reward_accuracy", "accuracy"):
+    assert [s for s, _ in on_disk["grpo_curves"][key]] == [1, 2, 3], key
   assert summary["format_rate_after_grpo"] == on_disk["format_rate_after_grpo"]
   assert os.path.getsize(os.path.join(workdir, "r1_zero.png")) > 0
 

@@ -75,8 +75,7 @@ def run(cfg, workdir: str) -> dict:
   summary = {
       "task": cfg.task.name, "seed": cfg.seed, "template": task.template,
       "params_total": counts["total"], "params_activated": counts["activated"],
-      "rewards": cfg.grpo.rewards.to_dict() if "rewards" in cfg.grpo else None,
-      "reward_mode": cfg.grpo.get("reward_mode"),
+      "reward_weights": rl.reward_weights(cfg.grpo, task), "reward_mode": cfg.grpo.reward_mode,
       "pretrain_steps": pre_info["steps"], "pretrain_final_nll": pre_summary["final_nll"],
       "accuracy_before_grpo": before["pass@1"], "accuracy_after_grpo": after["pass@1"],
       "format_rate_before_grpo": before["format_rate"],
