@@ -314,7 +314,7 @@ def test_eval_without_a_checkpoint_evaluates_the_hf_checkpoint(hf_run, tmp_path)
   params = experiment.params_to_evaluate(cfg, str(tmp_path), model_cfg)
   _, direct = hf.load_checkpoint(HF_V3, moe_impl="dense", mtp_depth=0)
   np.testing.assert_array_equal(np.asarray(params["final_norm"]), direct["final_norm"])
-  with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
+  with pytest.raises(ValueError, match="no grpo, sft or pretrain checkpoint found"):
     experiment.params_to_evaluate(tiny(), str(tmp_path), model_cfg)
 
 

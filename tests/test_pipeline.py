@@ -334,7 +334,7 @@ def test_latest_params_prefers_grpo_over_sft(finished, tmp_path, capsys):
   assert f"loaded grpo checkpoint at step {cfg.grpo.steps}" in capsys.readouterr().out
   experiment.latest_params(cfg, sft_only, model_cfg)
   assert f"loaded sft checkpoint at step {cfg.sft.steps}" in capsys.readouterr().out
-  with pytest.raises(ValueError, match="no sft or grpo checkpoint found"):
+  with pytest.raises(ValueError, match="no grpo, sft or pretrain checkpoint found"):
     experiment.latest_params(cfg, str(tmp_path / "empty"), model_cfg)
 
 

@@ -1,4 +1,4 @@
-"""grain pipelines: prompt batches for GRPO and packed rows for SFT.
+"""grain pipelines: prompt batches for GRPO and packed rows for SFT and pre-training.
 
 Both are `grain.MapDataset`s over random-access sources, so they get seeded
 shuffling (a new order every epoch), per-process sharding and checkpointable
@@ -19,6 +19,10 @@ padding, `positions` restarting at 0 in every segment. `loss_mask[t]` marks toke
 t as a target: a trainer compares logits[:, t-1] with tokens[:, t] under
 loss_mask[:, t]. Every segment starts with <bos> (mask 0), so no target ever
 crosses a segment boundary; attention must still use segment_ids.
+
+Pre-training (`pretrain_dataset`): each example becomes <bos> `task.pretrain_text`
+<eos> (plain text: no template, no tags, no trace) with `loss_mask` 1 on every
+token, packed and batched exactly as SFT rows.
 """
 from __future__ import annotations
 
@@ -216,6 +220,45 @@ class _Row:
     return {k: v[int(index)] for k, v in self.packed.items()}
 
 
+def pretrain_sequence(task: base.Task, example: base.Example,
+                      tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+  """(tokens, loss_mask) of <bos> plain text <eos>; the mask is 1 on every token (the
+  leading <bos> is never a target: nothing precedes it in its segment)."""
+  text = task.pretrain_text(example)
+  if not text:
+    raise ValueError(f"{example.uid or 'example'}: empty pre-training text")
+  tokens = tokenizer.encode(text, add_bos=True, add_eos=True)
+  return tokens, [1] * len(tokens)
+
+
+def _packed_dataset(sequences, uids, tokenizer, *, seq_len, global_batch_size, seed,
+                    num_epochs, pack, process_index, process_count) -> grain.MapDataset:
+  """Packs (tokens, loss_mask) pairs into rows, then shards, shuffles and batches them."""
+  index, count = _shard(process_index, process_count)
+  local_batch = _local_batch(global_batch_size, count)
+  for (tokens, _), uid in zip(sequences, uids):
+    if len(tokens) > seq_len:
+      raise ValueError(f"{uid or 'example'}: {len(tokens)} tokens, more than "
+                       f"seq_len={seq_len} (sequences are not split)")
+  packed = pack_sequences(sequences, seq_len, tokenizer.pad_id, pack=pack)
+  num_rows = len(packed["tokens"])
+  if num_rows < count:
+    raise ValueError(f"{num_rows} packed rows cannot be shared by {count} processes")
+  ds = grain.MapDataset.range(num_rows)[index::count]
+  if num_epochs is not None and len(ds) * num_epochs < local_batch:
+    raise ValueError(f"{len(ds)} rows x {num_epochs} epochs make no batch of {local_batch}")
+  ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Row(packed))
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+def _encode_all(encode, task, examples, tokenizer, seed, what):
+  if not examples:
+    raise ValueError(f"{what} needs at least one example")
+  order = np.random.default_rng(seed).permutation(len(examples))
+  chosen = [examples[int(i)] for i in order]
+  return [encode(task, ex, tokenizer) for ex in chosen], [ex.uid for ex in chosen]
+
+
 def sft_dataset(task: base.Task, examples: Sequence[base.Example], tokenizer: Tokenizer, *,
                 seq_len: int, global_batch_size: int, seed: int = 0,
                 num_epochs: int | None = None, pack: bool = True,
@@ -229,25 +272,21 @@ def sft_dataset(task: base.Task, examples: Sequence[base.Example], tokenizer: To
   reshuffled every epoch and batched (B = global_batch_size // process_count;
   incomplete last batch dropped). Keys: tokens, loss_mask, segment_ids, positions.
   """
-  index, count = _shard(process_index, process_count)
-  local_batch = _local_batch(global_batch_size, count)
-  if not examples:
-    raise ValueError("sft_dataset needs at least one example")
-  order = np.random.default_rng(seed).permutation(len(examples))
-  sequences = []
-  for i in order:
-    ex = examples[int(i)]
-    tokens, mask = sft_sequence(task, ex, tokenizer)
-    if len(tokens) > seq_len:
-      raise ValueError(f"{ex.uid or 'example'}: {len(tokens)} tokens, more than "
-                       f"seq_len={seq_len} (sequences are not split)")
-    sequences.append((tokens, mask))
-  packed = pack_sequences(sequences, seq_len, tokenizer.pad_id, pack=pack)
-  num_rows = len(packed["tokens"])
-  if num_rows < count:
-    raise ValueError(f"{num_rows} packed rows cannot be shared by {count} processes")
-  ds = grain.MapDataset.range(num_rows)[index::count]
-  if num_epochs is not None and len(ds) * num_epochs < local_batch:
-    raise ValueError(f"{len(ds)} rows x {num_epochs} epochs make no batch of {local_batch}")
-  ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Row(packed))
-  return ds.batch(local_batch, drop_remainder=True)
+  sequences, uids = _encode_all(sft_sequence, task, examples, tokenizer, seed, "sft_dataset")
+  return _packed_dataset(sequences, uids, tokenizer, seq_len=seq_len,
+                         global_batch_size=global_batch_size, seed=seed, num_epochs=num_epochs,
+                         pack=pack, process_index=process_index, process_count=process_count)
+
+
+def pretrain_dataset(task: base.Task, examples: Sequence[base.Example], tokenizer: Tokenizer, *,
+                     seq_len: int, global_batch_size: int, seed: int = 0,
+                     num_epochs: int | None = None, pack: bool = True,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> grain.MapDataset:
+  """Batches of packed plain-text rows (`pretrain_sequence`: loss on every token), with
+  the keys, shuffling, sharding and checks of `sft_dataset`."""
+  sequences, uids = _encode_all(pretrain_sequence, task, examples, tokenizer, seed,
+                                "pretrain_dataset")
+  return _packed_dataset(sequences, uids, tokenizer, seq_len=seq_len,
+                         global_batch_size=global_batch_size, seed=seed, num_epochs=num_epochs,
+                         pack=pack, process_index=process_index, process_count=process_count)

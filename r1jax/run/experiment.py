@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run config has, with its default; configs/*.py start from this and change
   what they need, so every config has the same fields."""
   c = ml_collections.ConfigDict()
-  c.mode = "pipeline"               # pipeline | sft | grpo | eval | print_config (r1jax.main.MODES)
+  c.mode = "pipeline"               # pipeline | r1_zero | pretrain | sft | grpo | eval | print_config
   c.seed = 0                        # parameters, data order and sampling
   c.control = True                  # pipeline: also train the SFT control arm for GRPO's time
   c.mesh = mesh_defaults()          # training mesh (axis sizes); all 1 = one device
@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.kwargs = task_kwargs_defaults("arithmetic")  # the task's options (set_task fills them)
   c.task.trace_overrides = ml_collections.ConfigDict()  # task options of the cold-start traces only
   c.model = config_lib.model_defaults()  # with init_from_hf only RUN_MODEL_FIELDS count
+  c.pretrain = sft.pretrain_defaults()  # mode pretrain / r1_zero: plain task text, no template
   c.sft = sft.sft_defaults()
   c.grpo = rl.grpo_defaults()
   c.eval = eval_lib.eval_defaults()
@@ -222,6 +223,7 @@ def _validate(cfg) -> None:
   sft.validate(cfg.sft)
   rl.validate(cfg.grpo)
   eval_lib.validate(cfg.eval)
+  sft.validate_pretrain(cfg.pretrain)
   check_dispatch(cfg.model.moe_impl, _training_devices(cfg))
 
 
@@ -277,6 +279,9 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
   if cfg.sft.seq_len > max_pos:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
                       f"model.max_position_embeddings ({max_pos})")
+  if cfg.pretrain.seq_len > max_pos:
+    raise ConfigError(f"config field 'pretrain.seq_len' ({cfg.pretrain.seq_len}) exceeds "
+                      f"model.max_position_embeddings ({max_pos})")
   width = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
   if width > max_pos:
     raise ConfigError(f"config fields 'grpo.max_prompt_len' + 'grpo.max_new_tokens' ({width}) "
@@ -312,7 +317,7 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
 
 
 _SAMPLE = 256  # examples whose lengths validate_run measures per split
-SAMPLING_MODES = ("pipeline", "grpo", "eval")  # modes that decode sampled token ids
+SAMPLING_MODES = ("pipeline", "r1_zero", "grpo", "eval")  # modes that decode sampled token ids
 
 
 def _longest(task, examples, length) -> tuple[int, str]:
@@ -507,10 +512,12 @@ def restore_params(run_dir: str, optimizer_cfg, model_cfg, extra=()):
 
 
 def latest_params(cfg, workdir: str, model_cfg):
-  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one."""
-  for name, ocfg, extra in (("grpo", cfg.grpo.optimizer, ("ref_params",)),
-                            ("sft", cfg.sft.optimizer, ())):
+  """Parameters of the latest GRPO checkpoint in workdir, else of the SFT one, else of the
+  pretrain one."""
+  stages = [("grpo", cfg.grpo.optimizer, ("ref_params",)), ("sft", cfg.sft.optimizer, ()),
+            ("pretrain", cfg.pretrain.optimizer, ())]
+  for name, ocfg, extra in stages:
     params = restore_params(os.path.join(workdir, name), ocfg, model_cfg, extra)
     if params is not None:
       return params
-  raise ValueError(f"no sft or grpo checkpoint found under {workdir}")
+  raise ValueError(f"no grpo, sft or pretrain checkpoint found under {workdir}")

@@ -29,26 +29,27 @@ from r1jax.train import evaluate as eval_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import rl, sft
 
-_MODEL = ("seed", "task", "model")  # what every stage reads: its data, its model, its keys
+MODEL_FIELDS = ("seed", "task", "model", "init_from_hf")  # every stage: data, model, keys
 
 
 def plan(cfg) -> tuple[stages_lib.Stage, ...]:
   """The pipeline's stages, the config fields each reads and the stages each uses. The SFT
   control comes after GRPO because its time budget is GRPO's training time."""
   Stage = stages_lib.Stage
-  out = [Stage("sft", _MODEL + ("sft",), run_dir="sft"),
-         Stage("eval_sft", _MODEL + ("eval",), after=("sft",), run_dir="eval_sft"),
-         Stage("grpo", _MODEL + ("grpo",), after=("sft",), run_dir="grpo"),
-         Stage("eval_grpo", _MODEL + ("eval",), after=("grpo",), run_dir="eval_grpo")]
+  out = [Stage("sft", MODEL_FIELDS + ("sft",), run_dir="sft"),
+         Stage("eval_sft", MODEL_FIELDS + ("eval",), after=("sft",), run_dir="eval_sft"),
+         Stage("grpo", MODEL_FIELDS + ("grpo",), after=("sft",), run_dir="grpo"),
+         Stage("eval_grpo", MODEL_FIELDS + ("eval",), after=("grpo",), run_dir="eval_grpo")]
   if cfg.control:
-    out += [Stage("sft_control", _MODEL + ("sft",), after=("sft", "grpo"), run_dir="sft_control"),
-            Stage("eval_sft_control", _MODEL + ("eval",), after=("sft_control",),
+    out += [Stage("sft_control", MODEL_FIELDS + ("sft",), after=("sft", "grpo"), run_dir="sft_control"),
+            Stage("eval_sft_control", MODEL_FIELDS + ("eval",), after=("sft_control",),
                   run_dir="eval_sft_control")]
   return tuple(out)
 
 
-def _train(book, name, train_fn, extra=None):
-  """Runs (or resumes, or reloads the final checkpoint of) training stage `name`."""
+def train_stage(book, name, train_fn, extra=None):
+  """Runs (or resumes, or reloads the final checkpoint of) training stage `name` of `book`
+  (train_fn() -> (params, info)); shared with the R1-Zero pipeline (r1jax/run/r1_zero.py)."""
   if book.result(name) is None:
     book.start(name)
   params, info = train_fn()
@@ -56,7 +57,9 @@ def _train(book, name, train_fn, extra=None):
   return params, info
 
 
-def _evaluate(book, name, step, workdir, params, model_cfg, task, tokenizer, ecfg, seed, mesh):
+def eval_stage(book, name, step, workdir, params, model_cfg, task, tokenizer, ecfg, seed, mesh):
+  """Held-out evaluation stage `name` of `book` (its recorded result when it holds), logged
+  to TensorBoard at `step` of the stage it follows."""
   r = book.result(name)
   if r is None:
     book.start(name)
@@ -85,16 +88,16 @@ def run(cfg, workdir: str) -> dict:
   mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
   params0 = experiment.initial_params(cfg, model_cfg, mesh)
   traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
-  evaluate = lambda name, step, params: _evaluate(book, name, step, workdir, params, model_cfg,
+  evaluate = lambda name, step, params: eval_stage(book, name, step, workdir, params, model_cfg,
                                                   task, tokenizer, cfg.eval, cfg.seed,
                                                   rollout_mesh)
   # -------------------------------------------------------------------- 1. cold start
-  params_sft, sft_info = _train(book, "sft", lambda: sft.train(
+  params_sft, sft_info = train_stage(book, "sft", lambda: sft.train(
       model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params0,
       examples=traces, seed=cfg.seed, name="sft", mesh=mesh))
   before = evaluate("eval_sft", sft_info["steps"], params_sft)
   # -------------------------------------------------------------------- 2. GRPO
-  params_grpo, grpo_info = _train(book, "grpo", lambda: rl.train(
+  params_grpo, grpo_info = train_stage(book, "grpo", lambda: rl.train(
       model_cfg, cfg.grpo, workdir, task=task, tokenizer=tokenizer, params=params_sft,
       task_name=cfg.task.name, task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed,
       mesh=mesh, rollout_mesh=rollout_mesh))
@@ -105,7 +108,7 @@ def run(cfg, workdir: str) -> dict:
   if cfg.control:
     per_step = sft_info["train_time_s"] / max(sft_info["steps"], 1)
     steps = max(1, math.ceil(1.5 * grpo_time / max(per_step, 1e-6)))
-    params_ctrl, ctrl_info = _train(book, "sft_control", lambda: sft.train(
+    params_ctrl, ctrl_info = train_stage(book, "sft_control", lambda: sft.train(
         model_cfg, cfg.sft, workdir, task=task, tokenizer=tokenizer, params=params_sft,
         examples=traces, seed=cfg.seed + 1, steps=steps, time_budget_s=grpo_time,
         name="sft_control", mesh=mesh), extra={"time_budget_s": grpo_time})

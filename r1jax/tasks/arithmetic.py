@@ -179,6 +179,10 @@ class ArithmeticTask(base.Task):
     got = parsed[1]
     return bool(_INT_RE.match(got)) and int(got) == int(answer)
 
+  def pretrain_text(self, example: base.Example) -> str:
+    """The bare equation, e.g. `47+85=132`."""
+    return f"{example.question}={example.answer}"
+
   def alphabet(self) -> str:
     chars = self._template_chars() | set("0123456789+-*=;neg")
     return "".join(sorted(chars))

@@ -183,6 +183,12 @@ class Task(abc.ABC):
   def is_correct(self, completion: str, **fields) -> bool:
     """Whether a completion is well-formed and its answer verifies."""
 
+  def pretrain_text(self, example: Example) -> str:
+    """The example as plain text for next-token pre-training: no template, no tags, no
+    worked trace (pre-training on it, then GRPO, is the R1-Zero recipe)."""
+    raise NotImplementedError(f"task {self.name!r} has no plain-text form for pre-training "
+                              f"(implement {type(self).__name__}.pretrain_text)")
+
   def reward(self, prompt: str, completion: str, **fields) -> float:
     """Binary accuracy reward: 1.0 if `is_correct`, else 0.0. `prompt` is unused here."""
     del prompt

@@ -205,6 +205,10 @@ class CodeTask(base.Task):
     del prompt, unused
     return score_code_completion(completion, tests, self.partial_credit)[0]
 
+  def pretrain_text(self, example: base.Example) -> str:
+    """The reference function definition, e.g. `def f(x):\n  return 3 * x + 2`."""
+    return example.answer
+
   def alphabet(self) -> str:
     chars = self._template_chars() | set(string.printable) - set("\r\x0b\x0c")
     return "".join(sorted(chars))

@@ -231,6 +231,10 @@ class CountdownTask(base.Task):
     parsed = base.parse_response(completion)
     return parsed is not None and self.check_equation(parsed[1], numbers, target)
 
+  def pretrain_text(self, example: base.Example) -> str:
+    """The solving equation over the given numbers, e.g. `(52-44)*3+1=25`."""
+    return f"{example.answer}={example.fields['target']}"
+
   def alphabet(self) -> str:
     chars = self._template_chars() | set("0123456789+-*/()=; ") | set(self.question([0], 0))
     return "".join(sorted(chars))

@@ -1,8 +1,10 @@
-"""Supervised fine-tuning: the cold start of DeepSeek-R1 (section 2.3.1) and distillation.
+"""Supervised fine-tuning: the cold start of DeepSeek-R1 (section 2.3.1) and distillation;
+the same loop pre-trains on plain task text (`pretrain_defaults`, the base model of R1-Zero).
 
-Next-token loss on response tokens only, over packed rows with segment_ids (data/datasets.py), plus
-the MTP loss when the model has MTP modules. Same optimizer, checkpoints and metrics as
-GRPO. A run is resumable: killed at any point, `train` picks up from the latest checkpoint
+Next-token loss on response tokens only (pre-training: on every token), over packed rows with
+segment_ids (data/datasets.py), plus the MTP loss when the model has MTP modules. Same
+optimizer, checkpoints and metrics as GRPO; logged per step besides the loss: the main NLL,
+each MTP depth's NLL (`mtp_nll_<k>`) and the MoE sequence balance loss (`balance_loss`). A run is resumable: killed at any point, `train` picks up from the latest checkpoint
 (parameters, optimizer, step, data iterator) and continues.
 """
 from __future__ import annotations
@@ -12,11 +14,9 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from r1jax import sharding
 from r1jax.data import datasets as data_lib
-from r1jax.model import decoder
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import losses, metrics as metrics_lib, optim
 from r1jax.train.guards import check_finite, check_params_finite, global_norm
@@ -34,15 +34,37 @@ def sft_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def pretrain_defaults() -> ml_collections.ConfigDict:
+  """The `pretrain` stage: next-token training on `num_examples` plain task texts."""
+  c = ml_collections.ConfigDict()
+  c.num_examples = 4096       # distinct training examples, as Task.pretrain_text
+  c.steps = 300
+  c.batch_size = 16           # packed rows per step
+  c.seq_len = 128
+  c.checkpoint_every = 100
+  c.max_to_keep = 2
+  c.optimizer = optim.optimizer_defaults()
+  return c
+
+
+def _validate_loop(scfg, name: str, count_field: str) -> None:
+  for field in (count_field, "steps", "batch_size", "checkpoint_every", "max_to_keep"):
+    if scfg[field] < 1:
+      raise ValueError(f"{name} config field {field!r} must be >= 1, got {scfg[field]}")
+  if scfg.seq_len < 2:
+    raise ValueError(f"{name} config field 'seq_len' must be >= 2 (a token and its "
+                     f"successor), got {scfg.seq_len}")
+  optim.validate(scfg.optimizer, f"{name}.optimizer")
+
+
 def validate(scfg) -> None:
   """ValueError naming the first sft config field that no run could use."""
-  for field in ("num_traces", "steps", "batch_size", "checkpoint_every", "max_to_keep"):
-    if scfg[field] < 1:
-      raise ValueError(f"sft config field {field!r} must be >= 1, got {scfg[field]}")
-  if scfg.seq_len < 2:
-    raise ValueError(f"sft config field 'seq_len' must be >= 2 (a token and its successor), "
-                     f"got {scfg.seq_len}")
-  optim.validate(scfg.optimizer, "sft.optimizer")
+  _validate_loop(scfg, "sft", "num_traces")
+
+
+def validate_pretrain(pcfg) -> None:
+  """ValueError naming the first pretrain config field that no run could use."""
+  _validate_loop(pcfg, "pretrain", "num_examples")
 
 
 def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
@@ -60,6 +82,9 @@ def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
     params = optim.apply_updates(state["params"], updates, load, bias_rate)
     out = {"loss": loss, "nll": m["nll_sum"] / jnp.maximum(m["tokens"], 1.0),
            "grad_norm": global_norm(grads), "tokens": m["tokens"]}
+    for k in range(1, model_cfg.mtp_depth + 1):
+      out[f"mtp_nll_{k}"] = m[f"mtp{k}_nll_sum"] / jnp.maximum(m[f"mtp{k}_tokens"], 1.0)
+    out["balance_loss"] = m["balance_loss"]
     if load is not None:
       out["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
@@ -67,11 +92,15 @@ def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
   return jax.jit(step, donate_argnums=0)
 
 
-def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, seed: int = 0,
-          steps: int | None = None, time_budget_s: float | None = None, name: str = "sft",
-          progress: bool = True, mesh=None, param_rules=None):
-  """Trains on `examples`' traces; returns (params, info dict).
+def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples=None,
+          dataset=None, seed: int = 0, steps: int | None = None,
+          time_budget_s: float | None = None, name: str = "sft", progress: bool = True,
+          mesh=None, param_rules=None):
+  """Trains on `examples`' traces, or on the batches of `dataset`; returns (params, info).
 
+  dataset: instead of examples, a grain MapDataset of packed row batches (e.g.
+  `datasets.pretrain_dataset`, loss on every token). scfg: an sft config (`sft_defaults`)
+  or a pretrain one (`pretrain_defaults`, told by its `num_examples` field).
   steps: number of optimizer steps (default scfg.steps). time_budget_s: stop early once this
   much training time is spent (the SFT control arm); training time is wall-clock time in
   the steps less compilation (metrics.WorkClock), so a restarted run is not charged twice.
@@ -79,12 +108,15 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples, s
   mesh / param_rules: parameters, optimizer state and batches laid out as in `sharding`;
   None: one device.
   """
-  validate(scfg)
+  if (examples is None) == (dataset is None):
+    raise ValueError("sft.train needs exactly one of examples (SFT traces) and dataset")
+  (validate_pretrain if "num_examples" in scfg else validate)(scfg)
+  if dataset is None:
+    dataset = data_lib.sft_dataset(task, examples, tokenizer, seq_len=scfg.seq_len,
+                                   global_batch_size=scfg.batch_size, seed=seed)
   total = int(steps if steps is not None else scfg.steps)
   run_dir = os.path.join(workdir, name)
-  ds = data_lib.sft_dataset(task, examples, tokenizer, seq_len=scfg.seq_len,
-                            global_batch_size=scfg.batch_size, seed=seed)
-  it = iter(ds)
+  it = iter(dataset)
   optimizer = optim.make_optimizer(scfg.optimizer, total)
   # a copy: the caller's arrays are never donated
   params = sharding.place_params(jax.tree.map(jnp.array, params), model_cfg, mesh, param_rules)
