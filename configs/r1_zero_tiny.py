@@ -70,5 +70,6 @@ def get_config(arg=None):
 
   if a.runlocal:
     c.pretrain.steps, c.pretrain.num_examples, c.pretrain.checkpoint_every = 30, 2000, 30
+    c.sft.steps = 30
     c.grpo.steps, c.grpo.prompts_per_step, c.eval.num_problems = 4, 8, 32
   return c

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from r1jax.data import datasets as data_lib
 from r1jax.data.tokenizer import for_task
 from r1jax.model import decoder as model_lib
 from r1jax.run import experiment, pretrain, r1_zero
+from r1jax.run import stages as stages_lib
 from r1jax.tasks import base
 from r1jax.train import evaluate as eval_lib
 from r1jax.train import metrics as metrics_lib
@@ -32,7 +32,6 @@ def pretrain_config(template: str = "compact"):
   """configs/test_tiny.py with a 4-step pretrain stage (and, for r1_zero, the R1-Zero
   template and accuracy + format rewards)."""
   cfg = tiny_runs.load_config()
-  cfg.pretrain = sft.pretrain_defaults()
   cfg.pretrain.num_examples, cfg.pretrain.steps, cfg.pretrain.batch_size = 64, 4, 4
   cfg.pretrain.seq_len, cfg.pretrain.checkpoint_every = 64, 2
   cfg.pretrain.optimizer.warmup_steps = 0
@@ -133,6 +132,7 @@ def test_latest_params_picks_pretrain_when_only_it_exists(pretrained, tmp_path, 
 ])
 def test_validate_names_the_pretrain_field(field, value, message):
   cfg = pretrain_config()
+  cfg.mode = "pretrain"
   experiment.validate(cfg)
   *parents, name = field.split(".")
   node = cfg.pretrain
@@ -140,7 +140,8 @@ def test_validate_names_the_pretrain_field(field, value, message):
     node = node[p]
   node[name] = value
   with pytest.raises(experiment.ConfigError, match=message):
-    experiment.validate(cfg)
+    experiment.validate(cfg)  # the config alone
+    experiment.build(cfg)     # with the model's positions (validate_run)
 
 
 # ------------------------------------------------------------------------- r1_zero mode
@@ -148,9 +149,8 @@ def test_validate_names_the_pretrain_field(field, value, message):
 def test_r1_zero_stopped_in_grpo_resumes_to_a_full_summary(pretrained, tmp_path, monkeypatch):
   cfg = pretrain_config("r1_zero")
   cfg.grpo.steps = 3
+  del pretrained  # compiled the pre-training step already (the persistent cache keeps it)
   workdir = str(tmp_path)
-  # The pre-training stage of the same config, already run: r1_zero restores it.
-  shutil.copytree(os.path.join(pretrained[0], "pretrain"), os.path.join(workdir, "pretrain"))
   train, evaluate = rl.train, eval_lib.evaluate
   evaluated = []
 
@@ -167,8 +167,8 @@ def test_r1_zero_stopped_in_grpo_resumes_to_a_full_summary(pretrained, tmp_path,
   with pytest.raises(KeyboardInterrupt):
     r1_zero.run(cfg, workdir)
   assert len(evaluated) == 1                         # the pre-trained model's evaluation
-  stages = json.load(open(os.path.join(workdir, "stages.json")))
-  assert "eval_pretrain" in stages and "grpo" not in stages
+  stages = stages_lib.load_results(workdir)
+  assert {"pretrain", "eval_pretrain"} <= set(stages) and "grpo" not in stages
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
   monkeypatch.setattr(rl, "train", train)
@@ -176,6 +176,7 @@ def test_r1_zero_stopped_in_grpo_resumes_to_a_full_summary(pretrained, tmp_path,
   assert len(evaluated) == 2                         # only the post-GRPO evaluation is new
   assert [r["step"] for r in metrics_lib.read_metrics(os.path.join(workdir, "pretrain"))] == \
       [1, 2, 3, 4]                                   # pre-training was not redone
+  assert not os.path.exists(os.path.join(workdir, "pretrain.stale"))
   assert [r["step"] for r in metrics_lib.read_metrics(os.path.join(workdir, "grpo"))] == [1, 2, 3]
   on_disk = json.load(open(os.path.join(workdir, "summary.json")))
   for key in ("accuracy_before_grpo", "accuracy_after_grpo", "format_rate_before_grpo",

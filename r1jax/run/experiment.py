@@ -279,7 +279,7 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
   if cfg.sft.seq_len > max_pos:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
                       f"model.max_position_embeddings ({max_pos})")
-  if cfg.pretrain.seq_len > max_pos:
+  if cfg.mode in ("pretrain", "r1_zero") and cfg.pretrain.seq_len > max_pos:
     raise ConfigError(f"config field 'pretrain.seq_len' ({cfg.pretrain.seq_len}) exceeds "
                       f"model.max_position_embeddings ({max_pos})")
   width = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
