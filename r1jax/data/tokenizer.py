@@ -12,6 +12,9 @@ let a prompt change meaning without anyone noticing.
 
 `decode` stops at the first <eos> and skips <pad>/<bos>, which is what a sampler
 needs to turn a fixed-length row of generated ids back into a completion.
+
+An HF checkpoint's own vocabulary and chat template (Qwen2, Llama students) live in
+hf_tokenizer.py (`HFTokenizer`, spec 'hf:<dir>'), behind the same interface.
 """
 from __future__ import annotations
 
@@ -175,8 +178,9 @@ def make_tokenizer(kind: str = "byte", *, alphabet: str | None = None,
   Args:
     kind: 'byte' or 'char'.
     alphabet: required for 'char'.
-    spec: alternatively, the output of `Tokenizer.spec()` ('byte' or 'char:<alphabet>'),
-      which is how a checkpoint records the tokenizer it was trained with.
+    spec: alternatively, the output of `Tokenizer.spec()` ('byte', 'char:<alphabet>', or
+      'hf:<dir>' for an HF checkpoint's tokenizer.json, `hf_tokenizer.HFTokenizer`), which
+      is how a checkpoint records the tokenizer it was trained with.
   """
   if spec is not None:
     if spec == "byte":
@@ -186,7 +190,11 @@ def make_tokenizer(kind: str = "byte", *, alphabet: str | None = None,
     if spec.startswith("charw:"):
       words, alphabet = json.loads(spec[len("charw:"):])
       return CharTokenizer(alphabet, words)
-    raise ValueError(f"unknown tokenizer spec {spec[:20]!r}: expected 'byte' or 'char:<alphabet>'")
+    if spec.startswith("hf:"):
+      from r1jax.data.hf_tokenizer import HFTokenizer  # needs the [hf] extra
+      return HFTokenizer(spec[len("hf:"):])
+    raise ValueError(f"unknown tokenizer spec {spec[:20]!r}: expected 'byte', 'char:<alphabet>' "
+                     "or 'hf:<checkpoint dir>'")
   if kind == "byte":
     if alphabet is not None:
       raise ValueError("a byte tokenizer takes no alphabet")
