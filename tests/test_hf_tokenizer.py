@@ -1,4 +1,4 @@
-"""HFTokenizer (r1jax/data/hf_tokenizer.py): a checkpoint's tokenizer.json and chat template.
+"""HFTokenizer (r1jax/data/tokenizer.py): a checkpoint's tokenizer.json and chat template.
 
 No downloads: each test directory holds a small byte-level BPE tokenizer.json trained with
 the `tokenizers` library on generated text, plus a tokenizer_config.json in the style of
@@ -18,7 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
 from r1jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from r1jax.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from r1jax.data.tokenizer import HFTokenizer  # noqa: E402
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
