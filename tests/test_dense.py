@@ -151,6 +151,27 @@ def test_hub_spelling_rope_scaling():
   assert cfg.to_dict() == _load("llama")[0].to_dict()
 
 
+def test_gradients_reach_every_weight():
+  """Training runs through the same forward: every leaf (biases included) gets a gradient."""
+  cfg, params = _load("qwen2")
+  tokens = jnp.asarray(_golden("qwen2")["tokens_BxL"])
+
+  def loss(p):
+    logits = decoder.forward(p, tokens[:, :-1], cfg)[0]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  grads = jax.jit(jax.grad(loss))(params)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0, path
+
+
+def test_flops_count_gqa_attention():
+  cfg = presets.get("tiny_llama")
+  per_layer = 2 * 4 * (16 + 16)  # 2 x H x (key + value head sizes)
+  want = 2 * (decoder.count_params(cfg)["activated"] - 5 * 64) + 2 * per_layer * (9 + 1) / 2
+  assert decoder.flops_per_token(cfg, 9)["forward"] == want  # 5 norms of D = 64
+
+
 # ---------------------------------------------------------------------------- RoPE
 
 def test_llama3_inv_freq_matches_formula_by_band():
