@@ -8,8 +8,8 @@ Two fields select the architecture of the one decoder: `attention_type` ('mla': 
 Multi-head Latent Attention, mla.py; 'gqa': grouped-query attention as in Qwen2 / Llama,
 gqa.py) and the FFN layout (`first_k_dense_replace` dense layers, then MoE layers; a dense
 model such as Qwen2 or Llama sets first_k_dense_replace = num_hidden_layers and
-n_routed_experts = 0). Fields of the attention not selected are ignored. Every check raises `ValueError`
-naming the offending field, because a wrong config that runs is the worst bug.
+n_routed_experts = 0). Fields of the attention not selected are ignored. Every check raises
+`ValueError` naming the offending field, because a wrong config that runs is the worst bug.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.llama3_original_max_position_embeddings = 8192  # blend between
   c.mtp_depth = 0                   # D in V3 section 2.2 (0 = off)
   c.mtp_lambda = 0.3                # lambda, MTP loss weight
-  c.attention_impl = "naive"        # 'naive' or 'absorbed'
+  c.attention_impl = "naive"        # mla: 'naive' or 'absorbed' (gqa has one form)
   c.moe_impl = "dense"              # a registered dispatch (moe.DISPATCH_IMPLS): 'dense'
                                     # (oracle), 'ragged', 'grouped', 'capacity', 'pallas';
                                     # or 'auto' (moe.resolve_impl: pallas on one TPU/GPU)
@@ -181,7 +181,8 @@ def _check_mla(cfg) -> None:
                      "(MLA checkpoints use 'yarn')")
   if cfg.num_key_value_heads not in (0, cfg.num_attention_heads):
     raise ValueError(f"model config field 'num_key_value_heads' ({cfg.num_key_value_heads}) must "
-                     "be 0 with attention_type 'mla' (MLA caches one latent, not KV heads)")
+                     "be 0 (or num_attention_heads) with attention_type 'mla' (MLA caches one latent, "
+                     "not KV heads)")
   if cfg.attention_bias:
     raise ValueError("model config field 'attention_bias' must be False with attention_type 'mla'")
 
