@@ -28,8 +28,9 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
-        "hf": ["transformers>=4.51", "torch>=2.4"],
-        "parity": ["transformers>=4.51", "torch>=2.4"],
+        # HF checkpoints' tokenizers (tokenizer.json) and chat templates: r1jax.data.tokenizer.HFTokenizer
+        "hf": ["transformers>=4.51", "torch>=2.4", "tokenizers>=0.19", "jinja2>=3.1"],
+        "parity": ["transformers>=4.51", "torch>=2.4", "tokenizers>=0.19", "jinja2>=3.1"],
         # Compiles Pallas Mosaic kernels for TPU topologies (also on a CPU-only host).
         # jax[tpu] pins the one libtpu its jaxlib was built against; pinned per Python
         # because 3.11 tops out at jax 0.10.2.

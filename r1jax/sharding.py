@@ -35,6 +35,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_lora": None,
     "kv_lora_rope": None,
     "heads": "tensor",
+    "kv_heads": "tensor",   # GQA key/value heads (replicated when Hkv does not divide)
+    "head_dim": None,       # GQA head size
     "qk_head": None,
     "kv_head": None,
     "v_head": None,

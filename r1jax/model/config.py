@@ -1,9 +1,15 @@
 """Model configuration: the defaults, the validation, and the derived sizes.
 
 A model config is an `ml_collections.ConfigDict`. Field names follow HF's
-`DeepseekV3Config` where one exists, so a researcher can read a hub config.json
-beside it; the comments give the paper symbol. Every check raises `ValueError`
-naming the offending field, because a wrong config that runs is the worst bug.
+`DeepseekV3Config` (or Qwen2Config / LlamaConfig) where one exists, so a researcher can
+read a hub config.json beside it; the comments give the paper symbol.
+
+Two fields select the architecture of the one decoder: `attention_type` ('mla': DeepSeek's
+Multi-head Latent Attention, mla.py; 'gqa': grouped-query attention as in Qwen2 / Llama,
+gqa.py) and the FFN layout (`first_k_dense_replace` dense layers, then MoE layers; a dense
+model such as Qwen2 or Llama sets first_k_dense_replace = num_hidden_layers and
+n_routed_experts = 0). Fields of the attention not selected are ignored. Every check raises
+`ValueError` naming the offending field, because a wrong config that runs is the worst bug.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from r1jax.model import moe_pallas  # registers 'pallas' before validation reads
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORES = ("top2_sum", "max")
-ROPE_SCALING_TYPES = ("none", "yarn")
+ROPE_SCALING_TYPES = ("none", "yarn", "llama3")
+ATTENTION_TYPES = ("mla", "gqa")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -27,6 +34,10 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.hidden_size = 64                # D
   c.num_hidden_layers = 2
   c.num_attention_heads = 4         # H
+  c.attention_type = "mla"          # 'mla' (DeepSeek) or 'gqa' (grouped-query: Qwen2, Llama)
+  c.num_key_value_heads = 0         # gqa: KV heads (divides H; 0 = H, i.e. multi-head)
+  c.head_dim = 16                   # gqa: query / key / value head size
+  c.attention_bias = False          # gqa: biases on the q/k/v projections (Qwen2), none on o
   c.q_lora_rank = 32                # Q; 0 means a full-rank query projection (V2-Lite)
   c.kv_lora_rank = 32               # C (d_c in the V2 paper)
   c.qk_nope_head_dim = 16           # N (d_h)
@@ -48,16 +59,20 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.rms_norm_eps = 1e-6
   c.rope_theta = 10000.0
   c.max_position_embeddings = 512
-  c.rope_scaling_type = "none"      # 'none' or 'yarn'
+  c.rope_scaling_type = "none"      # 'none', 'yarn' (mla) or 'llama3' (gqa)
   c.yarn_factor = 1.0               # s
   c.yarn_original_max_position_embeddings = 512
   c.yarn_beta_fast = 32.0
   c.yarn_beta_slow = 1.0
   c.yarn_mscale = 1.0               # 0 means "not given" (HF semantics)
   c.yarn_mscale_all_dim = 1.0       # 0 means "not given"
+  c.llama3_factor = 8.0             # Llama-3 rope scaling (rope.inv_freq): wavelengths longer
+  c.llama3_low_freq_factor = 1.0    # than original / low_freq_factor are divided by factor,
+  c.llama3_high_freq_factor = 4.0   # shorter than original / high_freq_factor kept, a smooth
+  c.llama3_original_max_position_embeddings = 8192  # blend between
   c.mtp_depth = 0                   # D in V3 section 2.2 (0 = off)
   c.mtp_lambda = 0.3                # lambda, MTP loss weight
-  c.attention_impl = "naive"        # 'naive' or 'absorbed'
+  c.attention_impl = "naive"        # mla: 'naive' or 'absorbed' (gqa has one form)
   c.moe_impl = "dense"              # a registered dispatch (moe.DISPATCH_IMPLS): 'dense'
                                     # (oracle), 'ragged', 'grouped', 'capacity', 'pallas';
                                     # or 'auto' (moe.resolve_impl: pallas on one TPU/GPU)
@@ -99,12 +114,14 @@ def validate_model_config(cfg) -> None:
     if k not in cfg:
       raise ValueError(f"model config is missing field {k!r}")
   _positive(cfg, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
             "rms_norm_eps", "rope_theta", "max_position_embeddings", "init_std")
-  if cfg.qk_rope_head_dim % 2:
-    raise ValueError(f"model config field 'qk_rope_head_dim' must be even, got {cfg.qk_rope_head_dim}")
-  if cfg.q_lora_rank < 0:
-    raise ValueError(f"model config field 'q_lora_rank' must be >= 0 (0 = none), got {cfg.q_lora_rank}")
+  if cfg.attention_type not in ATTENTION_TYPES:
+    raise ValueError(f"model config field 'attention_type' must be one of {ATTENTION_TYPES}, "
+                     f"got {cfg.attention_type!r}")
+  if cfg.attention_type == "mla":
+    _check_mla(cfg)
+  else:
+    _check_gqa(cfg)
   if not 0 <= cfg.first_k_dense_replace <= cfg.num_hidden_layers:
     raise ValueError("model config field 'first_k_dense_replace' must be in "
                      f"[0, num_hidden_layers], got {cfg.first_k_dense_replace}")
@@ -140,10 +157,62 @@ def validate_model_config(cfg) -> None:
   if cfg.rope_scaling_type == "yarn":
     _positive(cfg, "yarn_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
               "yarn_beta_slow")
+  if cfg.rope_scaling_type == "llama3":
+    _positive(cfg, "llama3_factor", "llama3_low_freq_factor", "llama3_high_freq_factor",
+              "llama3_original_max_position_embeddings")
+    if cfg.llama3_high_freq_factor <= cfg.llama3_low_freq_factor:
+      raise ValueError("model config field 'llama3_high_freq_factor' "
+                       f"({cfg.llama3_high_freq_factor}) must exceed 'llama3_low_freq_factor' "
+                       f"({cfg.llama3_low_freq_factor})")
   if cfg.mtp_depth < 0:
     raise ValueError(f"model config field 'mtp_depth' must be >= 0, got {cfg.mtp_depth}")
   if cfg.seq_aux_alpha < 0:
     raise ValueError(f"model config field 'seq_aux_alpha' must be >= 0, got {cfg.seq_aux_alpha}")
+
+
+def _check_mla(cfg) -> None:
+  _positive(cfg, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+  if cfg.qk_rope_head_dim % 2:
+    raise ValueError(f"model config field 'qk_rope_head_dim' must be even, got {cfg.qk_rope_head_dim}")
+  if cfg.q_lora_rank < 0:
+    raise ValueError(f"model config field 'q_lora_rank' must be >= 0 (0 = none), got {cfg.q_lora_rank}")
+  if cfg.rope_scaling_type == "llama3":
+    raise ValueError("model config field 'rope_scaling_type' 'llama3' needs attention_type 'gqa' "
+                     "(MLA checkpoints use 'yarn')")
+  if cfg.num_key_value_heads not in (0, cfg.num_attention_heads):
+    raise ValueError(f"model config field 'num_key_value_heads' ({cfg.num_key_value_heads}) must "
+                     "be 0 (or num_attention_heads) with attention_type 'mla' (MLA caches one latent, "
+                     "not KV heads)")
+  if cfg.attention_bias:
+    raise ValueError("model config field 'attention_bias' must be False with attention_type 'mla'")
+
+
+def _check_gqa(cfg) -> None:
+  _positive(cfg, "head_dim")
+  if cfg.head_dim % 2:
+    raise ValueError(f"model config field 'head_dim' must be even (RoPE pairs), got {cfg.head_dim}")
+  kv = cfg.num_key_value_heads
+  if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0:
+    raise ValueError(f"model config field 'num_key_value_heads' must be an int >= 0, got {kv!r}")
+  if cfg.num_attention_heads % num_kv_heads(cfg):
+    raise ValueError(f"model config field 'num_key_value_heads' ({kv}) must divide "
+                     f"'num_attention_heads' ({cfg.num_attention_heads})")
+  if cfg.mtp_depth:
+    raise ValueError("model config field 'mtp_depth' must be 0 with attention_type 'gqa' "
+                     "(multi-token prediction is DeepSeek-V3's, over MLA)")
+  if cfg.rope_scaling_type == "yarn":
+    raise ValueError("model config field 'rope_scaling_type' 'yarn' is implemented for "
+                     "attention_type 'mla' only (DeepSeek's YaRN); gqa supports 'none' and 'llama3'")
+
+
+def num_kv_heads(cfg) -> int:
+  """KV heads of grouped-query attention (num_key_value_heads, 0 meaning H)."""
+  return cfg.num_key_value_heads or cfg.num_attention_heads
+
+
+def is_dense(cfg) -> bool:
+  """Every layer has a dense FFN (no MoE layer, no MTP module)."""
+  return num_moe_layers(cfg) == 0 and cfg.mtp_depth == 0
 
 
 def _check_pallas_tiles(cfg) -> None:
@@ -172,4 +241,11 @@ def num_moe_layers(cfg) -> int:
 
 
 def qk_head_dim(cfg) -> int:
+  """The size a query and key head are scored over (N + R for MLA, head_dim for GQA)."""
+  if cfg.attention_type == "gqa":
+    return cfg.head_dim
   return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+
+
+def v_head_dim(cfg) -> int:
+  return cfg.head_dim if cfg.attention_type == "gqa" else cfg.v_head_dim

@@ -1,9 +1,14 @@
-"""The DeepSeek-V3 architecture as pure functions over a nested dict of arrays.
+"""The DeepSeek-V3 architecture (and the dense GQA family) as pure functions over a dict of arrays.
+
+The config selects the attention (`attention_type`: 'mla' or 'gqa', see gqa.py) and the FFN
+(MoE layers after `first_k_dense_replace` dense ones; all dense for Qwen2 / Llama); the
+same parameter tree, block, forward and rollout path serve both.
 
 Dimension key (names carry shapes, e.g. `kv_BxSxZ`; one meaning per letter):
   B batch  L sequence  S key / cache positions  T tokens (B*L)  D model dim  H heads  V vocab
   Q q_lora_rank  C kv_lora_rank  N qk_nope_head_dim  R qk_rope_head_dim  A v_head_dim
   Y query/key head (N + R)  Z latent cache entry (C + R)  F FFN hidden (dense or expert)
+  (GQA: Hkv key/value heads, Dh head_dim; its cache entry is [2, Hkv, Dh])
   E routed experts  K experts per token  X assignments (T*K)  J expert groups  I experts
   per group  M MoE layers  U tiles  O slots per expert (tile rows, capacity)
   G GRPO group size  P padded prompt width  W rollout row width (prompt + new tokens)
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.model import config as config_lib
-from r1jax.model import mla, moe
+from r1jax.model import gqa, mla, moe
 from r1jax.model import moe_pallas  # noqa: F401  registers moe_impl='pallas'
 from r1jax.model.layers import (ParamSpec, dense, fuse_swiglu, init_from_specs, is_spec, rms_norm,
                                 stack_specs, swiglu, swiglu_specs)
@@ -42,13 +47,18 @@ from r1jax.model.layers import (ParamSpec, dense, fuse_swiglu, init_from_specs, 
 def _layer_specs(cfg, kind: str) -> dict:
   d = cfg.hidden_size
   specs = {"attn_norm": ParamSpec((d,), ("embed",), "ones"),
-           "attn": mla.param_specs(cfg),
+           "attn": _attention(cfg).param_specs(cfg),
            "mlp_norm": ParamSpec((d,), ("embed",), "ones")}
   if kind == "dense":
     specs["mlp"] = swiglu_specs(d, cfg.intermediate_size)
   else:
     specs["moe"] = moe.param_specs(cfg)
   return specs
+
+
+def _attention(cfg):
+  """The attention module the config selects (mla or gqa; same functions, same contract)."""
+  return gqa if cfg.attention_type == "gqa" else mla
 
 
 def _mtp_block_kind(cfg) -> str:
@@ -114,7 +124,7 @@ def with_router_biases(params: dict, bias_MxE) -> dict:
 def layer_layout(p: dict, cfg) -> dict:
   """One layer's stored weights in the layout `block` runs on (see mla / moe compute_layout)."""
   out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
-         "attn": mla.compute_layout(p["attn"], cfg)}
+         "attn": _attention(cfg).compute_layout(p["attn"], cfg)}
   if "mlp" in p:
     out["mlp"] = fuse_swiglu(p["mlp"])
   else:
@@ -122,24 +132,28 @@ def layer_layout(p: dict, cfg) -> dict:
   return out
 
 
-def block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, *, cache_BxSxZ=None,
+def block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, *, cache=None,
           fresh: bool = False, attention_impl: str | None = None, moe_impl: str | None = None,
           expert_axis=None):
   """One pre-norm transformer block over `layer_layout` weights: (x, MoE stats or None, cache).
 
-  cache / fresh: see `mla.attention`. attention_impl / moe_impl override the config's (the
+  cache / fresh: see `mla.attention` (latent cache [B, S, Z]) and `gqa.attention` (per KV
+  head [B, S, 2, Hkv, Dh]). attention_impl (MLA only) / moe_impl override the config's (the
   rollout engine decodes absorbed, with the 'capacity' dispatch); expert_axis: see
   `moe.moe_ffn`.
   """
   h = rms_norm(x_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
-  y, cache_BxSxZ = mla.attention(p["attn"], h, positions_BxL, mask_BxLxS, cfg,
-                                 attention_impl or cfg.attention_impl, cache_BxSxZ, fresh)
+  if cfg.attention_type == "gqa":
+    y, cache = gqa.attention(p["attn"], h, positions_BxL, mask_BxLxS, cfg, cache, fresh)
+  else:
+    y, cache = mla.attention(p["attn"], h, positions_BxL, mask_BxLxS, cfg,
+                             attention_impl or cfg.attention_impl, cache, fresh)
   x_BxLxD = x_BxLxD + y
   h = rms_norm(x_BxLxD, p["mlp_norm"], cfg.rms_norm_eps)
   if "mlp" in p:
-    return x_BxLxD + swiglu(h, p["mlp"]), None, cache_BxSxZ
+    return x_BxLxD + swiglu(h, p["mlp"]), None, cache
   y, stats = moe.moe_ffn(p["moe"], h, valid_BxL, cfg, impl=moe_impl, expert_axis=expert_axis)
-  return x_BxLxD + y, stats, cache_BxSxZ
+  return x_BxLxD + y, stats, cache
 
 
 def attention_mask(positions_BxL, segment_ids_BxL):
@@ -307,19 +321,20 @@ def flops_per_token(cfg, seq_len: int) -> dict:
   matmul = counts["activated"] - _norm_and_bias_params(cfg)
   if cfg.tie_word_embeddings:  # the tied table is used as the output head
     matmul += counts["embedding"]
-  per_layer_attn = 2 * cfg.num_attention_heads * (config_lib.qk_head_dim(cfg) + cfg.v_head_dim)
+  per_layer_attn = 2 * cfg.num_attention_heads * (config_lib.qk_head_dim(cfg)
+                                                  + config_lib.v_head_dim(cfg))
   attn = cfg.num_hidden_layers * per_layer_attn * (seq_len + 1) / 2
   fwd = 2 * matmul + attn
   return {"forward": float(fwd), "train": float(3 * fwd)}
 
 
 def _norm_and_bias_params(cfg) -> int:
-  """Parameters that are not matmul weights (norm scales, router biases), MTP excluded."""
+  """Parameters that are not matmul weights (norm scales, router and q/k/v biases), MTP excluded."""
   specs = param_specs(cfg)
   specs.pop("mtp", None)
   total = 0
   for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
     name = getattr(path[-1], "key", "")
-    if name.endswith("norm") or name == "bias":
+    if name.endswith("norm") or name in ("bias", "bq", "bk", "bv"):
       total += int(np.prod(s.shape))
   return total

@@ -1,4 +1,4 @@
-"""HF safetensors checkpoints <-> r1jax params, for DeepSeek V2 and V3 layouts.
+"""HF safetensors checkpoints <-> r1jax params, for DeepSeek V2 / V3, Qwen2 and Llama layouts.
 
 Why this file exists: researchers start from hub checkpoints (V3, V2-Lite, R1
 distills of the same architecture) and want to hand results back in the same
@@ -17,8 +17,14 @@ Layout facts (checked against transformers' DeepseekV3 and the hub checkpoints):
     of embed_tokens / shared_head.head (skipped: we share the main ones).
   * q/k RoPE dims are stored in the reference's interleaved order and r1jax
     applies interleaved RoPE, so no permutation is needed.
-  * `head_dim` in HF's config equals qk_rope_head_dim; it is not the attention
-    head size and is ignored here.
+  * `head_dim` in HF's DeepSeek config equals qk_rope_head_dim; it is not the attention
+    head size and is ignored there.
+  * Qwen2 / Llama (model_type 'qwen2' / 'llama', R1's distilled students) map onto
+    attention_type 'gqa' with a dense FFN in every layer: q/k/v_proj [Hkv*Dh or H*Dh, D]
+    (biases [H*Dh] on Qwen2), o_proj [D, H*Dh], mlp.{gate,up,down}_proj; their q/k are
+    stored for HF's rotate_half RoPE, which r1jax applies for gqa, so again no permutation.
+    head_dim is the attention head size there (Qwen2 omits it: hidden_size / heads). A
+    Qwen2 config is written for attention_bias=True, a Llama one otherwise.
 """
 from __future__ import annotations
 
@@ -48,6 +54,10 @@ _SAME_NAME = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
               "norm_topk_prob", "routed_scaling_factor", "rms_norm_eps",
               "max_position_embeddings", "tie_word_embeddings")
 _V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
+DENSE_MODEL_TYPES = ("qwen2", "llama")
+_DENSE_SAME_NAME = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "intermediate_size", "rms_norm_eps",
+                    "max_position_embeddings", "tie_word_embeddings")
 
 
 # ----------------------------------------------------------------------------
@@ -67,8 +77,19 @@ def _rope_fields(d: dict) -> dict:
   if kind == "default":
     out["rope_scaling_type"] = "none"
     return out
+  if kind == "llama3":
+    need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    absent = [k for k in need if rope.get(k) is None]
+    if absent:
+      raise ValueError(f"llama3 rope scaling lacks field(s) {absent}")
+    out.update(rope_scaling_type="llama3", llama3_factor=float(rope["factor"]),
+               llama3_low_freq_factor=float(rope["low_freq_factor"]),
+               llama3_high_freq_factor=float(rope["high_freq_factor"]),
+               llama3_original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    return out
   if kind != "yarn":
-    raise ValueError(f"rope scaling type {kind!r} is not supported (only 'default' and 'yarn')")
+    raise ValueError(f"rope scaling type {kind!r} is not supported (only 'default', 'yarn' and "
+                     "'llama3')")
   if rope.get("attention_factor") is not None:
     raise ValueError("rope 'attention_factor' is not supported: r1jax derives it from mscale and "
                      "mscale_all_dim as DeepSeek does")
@@ -119,9 +140,13 @@ def _check_supported(d: dict) -> None:
                      "blocks) are not supported: dequantize to bfloat16 first")
   if d.get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json 'hidden_act' must be 'silu', got {d['hidden_act']!r}")
-  for key in ("attention_bias", "mlp_bias"):
-    if d.get(key, False):
-      raise ValueError(f"config.json {key!r} true is not supported (DeepSeek has no biases)")
+  if d.get("mlp_bias", False):
+    raise ValueError("config.json 'mlp_bias' true is not supported (the SwiGLU FFN has no biases)")
+  if d.get("model_type") in DENSE_MODEL_TYPES:
+    _check_dense_supported(d)
+    return
+  if d.get("attention_bias", False):
+    raise ValueError("config.json 'attention_bias' true is not supported (DeepSeek has no biases)")
   if d.get("rope_interleave", True) is False:
     raise ValueError("config.json 'rope_interleave' false is not supported: r1jax expects the "
                      "reference's interleaved RoPE layout")
@@ -133,15 +158,56 @@ def _check_supported(d: dict) -> None:
                      f"'num_attention_heads' ({d.get('num_attention_heads')}) for MLA")
 
 
-def config_from_hf(hf_config: dict, **overrides):
-  """Our model config from an HF DeepSeek V2/V3 config.json dict (then `overrides`).
+def _check_dense_supported(d: dict) -> None:
+  """Qwen2 / Llama fields r1jax does not implement."""
+  if d.get("use_sliding_window", False):
+    raise ValueError("config.json 'use_sliding_window' true is not supported: r1jax's GQA "
+                     "attends over the full context")
+  sliding = [t for t in d.get("layer_types") or () if t != "full_attention"]
+  if sliding:
+    raise ValueError(f"config.json 'layer_types' holds {sorted(set(sliding))}: only "
+                     "'full_attention' layers are supported")
+  if d["model_type"] == "llama" and d.get("attention_bias", False):
+    raise ValueError("config.json 'attention_bias' true is not supported for llama (it adds an "
+                     "o_proj bias; r1jax's GQA has q/k/v biases only, as Qwen2)")
+  if (d.get("pretraining_tp") or 1) != 1:
+    raise ValueError(f"config.json 'pretraining_tp' must be 1, got {d['pretraining_tp']!r}")
 
+
+def _dense_config_from_hf(d: dict, overrides: dict):
+  """Qwen2 / Llama config.json -> a gqa model config with a dense FFN in every layer."""
+  missing = [k for k in _DENSE_SAME_NAME[:4] + ("intermediate_size",) if k not in d]
+  if missing:
+    raise ValueError(f"config.json lacks required field(s) {missing}")
+  defaults = config_lib.model_defaults()
+  fields = {k: type(defaults[k])(d[k]) for k in _DENSE_SAME_NAME if d.get(k) is not None}
+  fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
+  head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+  fields.update(attention_type="gqa", head_dim=int(head_dim),
+                attention_bias=d["model_type"] == "qwen2",
+                first_k_dense_replace=fields["num_hidden_layers"], n_routed_experts=0,
+                n_shared_experts=0, mtp_depth=0)
+  fields.update(_rope_fields(d))
+  if fields["rope_scaling_type"] == "yarn":
+    raise ValueError(f"config.json rope scaling 'yarn' is not supported for {d['model_type']!r} "
+                     "(only 'default' and 'llama3')")
+  fields.update(overrides)
+  return config_lib.make_model_config(**fields)
+
+
+def config_from_hf(hf_config: dict, **overrides):
+  """Our model config from an HF config.json dict (then `overrides`).
+
+  model_type 'qwen2' / 'llama': attention_type 'gqa', dense FFN in every layer (see
+  `_dense_config_from_hf`). DeepSeek V2/V3 (any other model_type):
   q_lora_rank None -> 0; num_nextn_predict_layers (or num_mtp_layers) -> mtp_depth;
   V2 'greedy' routing -> n_group = topk_group = 1; V2 'group_limited_greedy' ->
   group score 'max'. Raises ValueError for anything r1jax cannot represent.
   """
   d = dict(hf_config)
   _check_supported(d)
+  if d.get("model_type") in DENSE_MODEL_TYPES:
+    return _dense_config_from_hf(d, overrides)
   missing = [k for k in _SAME_NAME[:8] if k not in d]
   if missing:
     raise ValueError(f"config.json lacks required field(s) {missing}")
@@ -166,6 +232,8 @@ def config_to_hf(cfg) -> dict:
   neither HF class expresses.
   """
   config_lib.validate_model_config(cfg)
+  if cfg.attention_type == "gqa":
+    return _dense_config_to_hf(cfg)
   d = {k: cfg[k] for k in _SAME_NAME}
   if cfg.scoring_func == "sigmoid":
     if cfg.n_group > 1 and cfg.group_score != "top2_sum":
@@ -197,6 +265,33 @@ def config_to_hf(cfg) -> dict:
   return d
 
 
+def _dense_config_to_hf(cfg) -> dict:
+  """Qwen2 (attention_bias) or Llama config.json for a gqa config with dense FFNs."""
+  if not config_lib.is_dense(cfg):
+    raise ValueError("attention_type 'gqa' with MoE layers has no HF spelling: set "
+                     "first_k_dense_replace = num_hidden_layers")
+  d = {k: cfg[k] for k in _DENSE_SAME_NAME}
+  d["num_key_value_heads"] = config_lib.num_kv_heads(cfg)
+  d.update(head_dim=cfg.head_dim, hidden_act="silu", rope_theta=cfg.rope_theta,
+           torch_dtype=cfg.param_dtype, mlp_bias=False)
+  if cfg.attention_bias:
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+      raise ValueError(f"Qwen2 derives head_dim as hidden_size / num_attention_heads; head_dim "
+                       f"{cfg.head_dim} != {cfg.hidden_size} / {cfg.num_attention_heads}")
+    d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+  else:
+    d.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False)
+  if cfg.rope_scaling_type == "llama3":
+    d["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.llama3_factor,
+                         "low_freq_factor": cfg.llama3_low_freq_factor,
+                         "high_freq_factor": cfg.llama3_high_freq_factor,
+                         "original_max_position_embeddings":
+                             cfg.llama3_original_max_position_embeddings}
+  else:
+    d["rope_scaling"] = None
+  return d
+
+
 # ----------------------------------------------------------------------------
 # The tensor map: one entry per HF tensor (per expert on the hub)
 # ----------------------------------------------------------------------------
@@ -207,7 +302,8 @@ class _Entry:
   """One hub tensor and the slice of one stacked r1jax leaf it fills.
 
   kind 'linear': hf is [out, in] with in = prod(shape[:n_in]) and out the rest,
-  ours = hf.T.reshape(shape); kind 'copy': ours = hf (vectors, the embedding).
+  ours = hf.T.reshape(shape); kind 'copy': ours = hf (vectors, the embedding); kind
+  'vector': hf is flat, ours = hf.reshape(shape) (per-head biases).
   """
   name: str
   leaf: tuple[str, ...]
@@ -220,6 +316,8 @@ class _Entry:
   def hf_shape(self) -> tuple[int, ...]:
     if self.kind == "copy":
       return self.shape
+    if self.kind == "vector":
+      return (int(np.prod(self.shape)),)
     return (int(np.prod(self.shape[self.n_in:])), int(np.prod(self.shape[:self.n_in])))
 
 
@@ -236,16 +334,27 @@ def _block_entries(cfg, kind: str, prefix: str, leaf: tuple, stack: tuple, index
   out = [e("input_layernorm.weight", ("attn_norm",), (d,), "copy"),
          e("post_attention_layernorm.weight", ("mlp_norm",), (d,), "copy")]
   at = "self_attn."
-  if q:
+  if cfg.attention_type == "gqa":
+    kv, dh = config_lib.num_kv_heads(cfg), cfg.head_dim
+    out += [e(at + "q_proj.weight", ("attn", "wq"), (d, h, dh)),
+            e(at + "k_proj.weight", ("attn", "wk"), (d, kv, dh)),
+            e(at + "v_proj.weight", ("attn", "wv"), (d, kv, dh)),
+            e(at + "o_proj.weight", ("attn", "wo"), (h, dh, d), n_in=2)]
+    if cfg.attention_bias:
+      out += [e(at + "q_proj.bias", ("attn", "bq"), (h, dh), "vector"),
+              e(at + "k_proj.bias", ("attn", "bk"), (kv, dh), "vector"),
+              e(at + "v_proj.bias", ("attn", "bv"), (kv, dh), "vector")]
+  elif q:
     out += [e(at + "q_a_proj.weight", ("attn", "wq_a"), (d, q)),
             e(at + "q_a_layernorm.weight", ("attn", "q_norm"), (q,), "copy"),
             e(at + "q_b_proj.weight", ("attn", "wq_b"), (q, h, n + r))]
   else:
     out.append(e(at + "q_proj.weight", ("attn", "wq"), (d, h, n + r)))
-  out += [e(at + "kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (d, c + r)),
-          e(at + "kv_a_layernorm.weight", ("attn", "kv_norm"), (c,), "copy"),
-          e(at + "kv_b_proj.weight", ("attn", "wkv_b"), (c, h, n + a)),
-          e(at + "o_proj.weight", ("attn", "wo"), (h, a, d), n_in=2)]
+  if cfg.attention_type == "mla":
+    out += [e(at + "kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), (d, c + r)),
+            e(at + "kv_a_layernorm.weight", ("attn", "kv_norm"), (c,), "copy"),
+            e(at + "kv_b_proj.weight", ("attn", "wkv_b"), (c, h, n + a)),
+            e(at + "o_proj.weight", ("attn", "wo"), (h, a, d), n_in=2)]
   if kind == "dense":
     f = cfg.intermediate_size
     out += [e("mlp.gate_proj.weight", ("mlp", "w_gate"), (d, f)),
@@ -308,12 +417,18 @@ def _to_ours(entry: _Entry, t: np.ndarray) -> np.ndarray:
   want = entry.hf_shape()
   if t.shape != want:
     raise ValueError(f"tensor {entry.name!r} has shape {list(t.shape)}, expected {list(want)}")
-  return t if entry.kind == "copy" else t.T.reshape(entry.shape)
+  if entry.kind == "copy":
+    return t
+  if entry.kind == "vector":
+    return t.reshape(entry.shape)
+  return t.T.reshape(entry.shape)
 
 
 def _to_hf(entry: _Entry, x: np.ndarray) -> np.ndarray:
   if entry.kind == "copy":
     return np.ascontiguousarray(x)
+  if entry.kind == "vector":
+    return np.ascontiguousarray(x.reshape(entry.hf_shape()))
   return np.ascontiguousarray(x.reshape(entry.hf_shape()[::-1]).T)
 
 
@@ -378,7 +493,7 @@ def read_config(path: str) -> dict:
 
 
 def load_checkpoint(path: str, **overrides):
-  """Reads an HF DeepSeek V2/V3 checkpoint directory; returns (cfg, params).
+  """Reads an HF DeepSeek V2/V3, Qwen2 or Llama checkpoint directory; returns (cfg, params).
 
   `overrides` are model config fields applied after config.json (e.g.
   moe_impl='ragged', param_dtype='bfloat16', mtp_depth=0 to drop the MTP module:

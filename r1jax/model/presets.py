@@ -5,6 +5,12 @@ limited sigmoid or softmax routing, YaRN, dense-first layers, MTP) so tests exer
 same code paths. The large ones are checked by parameter counts and shape-only init.
 Sources: the config.json files of deepseek-ai/DeepSeek-V3, deepseek-ai/DeepSeek-V2-Lite and
 moonshotai/Moonlight-16B-A3B on the HF hub.
+
+The dense students of R1's distillation (R1 section 2.4) are GQA models with a dense SwiGLU
+FFN in every layer (`_dense`): Qwen2.5 (q/k/v biases) and Llama-3.1 (no biases, Llama-3 rope
+scaling). Sources: the config.json files of Qwen/Qwen2.5-{0.5B,1.5B,7B},
+Qwen/Qwen2.5-Math-1.5B, deepseek-ai/DeepSeek-R1-Distill-{Qwen-1.5B,Qwen-7B,Llama-8B} and
+meta-llama/Llama-3.1-8B on the HF hub.
 """
 from __future__ import annotations
 
@@ -85,10 +91,101 @@ def tiny_v2_lite() -> ml_collections.ConfigDict:
       routed_scaling_factor=1.0)
 
 
+def _dense(**fields) -> ml_collections.ConfigDict:
+  """A dense GQA model: every layer a dense SwiGLU FFN, no MoE, no MTP."""
+  n = fields["num_hidden_layers"]
+  return config_lib.make_model_config(
+      attention_type="gqa", first_k_dense_replace=n, n_routed_experts=0, n_shared_experts=0,
+      **fields)
+
+
+def _qwen2(**fields) -> ml_collections.ConfigDict:
+  return _dense(attention_bias=True, head_dim=fields.pop("head_dim", 128), rms_norm_eps=1e-6,
+                param_dtype="bfloat16", dtype="bfloat16", **fields)
+
+
+def qwen2_5_0_5b() -> ml_collections.ConfigDict:
+  """Qwen2.5-0.5B: 0.49B, 14 heads over 2 KV heads of 64, tied embeddings."""
+  return _qwen2(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, head_dim=64, intermediate_size=4864,
+                rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+def qwen2_5_1_5b() -> ml_collections.ConfigDict:
+  """Qwen2.5-1.5B: 1.54B, 12 heads over 2 KV heads, tied embeddings."""
+  return _qwen2(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, intermediate_size=8960, rope_theta=1000000.0,
+                max_position_embeddings=131072, tie_word_embeddings=True)
+
+
+def qwen2_5_7b() -> ml_collections.ConfigDict:
+  """Qwen2.5-7B: 7.62B, 28 heads over 4 KV heads, untied embeddings, vocab 152064."""
+  return _qwen2(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, intermediate_size=18944, rope_theta=1000000.0,
+                max_position_embeddings=131072, tie_word_embeddings=False)
+
+
+def qwen2_5_math_1_5b() -> ml_collections.ConfigDict:
+  """Qwen2.5-Math-1.5B: Qwen2.5-1.5B's shape with rope theta 10000 and a 4096 context."""
+  return _qwen2(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, intermediate_size=8960, rope_theta=10000.0,
+                max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def r1_distill_qwen_1_5b() -> ml_collections.ConfigDict:
+  """DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-Math-1.5B with untied embeddings (1.78B)."""
+  return _qwen2(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, intermediate_size=8960, rope_theta=10000.0,
+                max_position_embeddings=131072, tie_word_embeddings=False)
+
+
+def r1_distill_qwen_7b() -> ml_collections.ConfigDict:
+  """DeepSeek-R1-Distill-Qwen-7B: Qwen2.5-Math-7B's shape (7.62B), rope theta 10000."""
+  return _qwen2(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, intermediate_size=18944, rope_theta=10000.0,
+                max_position_embeddings=131072, tie_word_embeddings=False)
+
+
+def llama3_1_8b() -> ml_collections.ConfigDict:
+  """Llama-3.1-8B: 8.03B, 32 heads over 8 KV heads, Llama-3 rope scaling (factor 8)."""
+  return _dense(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, intermediate_size=14336, rms_norm_eps=1e-5,
+                rope_theta=500000.0, max_position_embeddings=131072, rope_scaling_type="llama3",
+                llama3_factor=8.0, llama3_low_freq_factor=1.0, llama3_high_freq_factor=4.0,
+                llama3_original_max_position_embeddings=8192, tie_word_embeddings=False,
+                param_dtype="bfloat16", dtype="bfloat16")
+
+
+def r1_distill_llama_8b() -> ml_collections.ConfigDict:
+  """DeepSeek-R1-Distill-Llama-8B: Llama-3.1-8B's architecture (8.03B)."""
+  return llama3_1_8b()
+
+
+def tiny_qwen2() -> ml_collections.ConfigDict:
+  """The Qwen2.5 / R1-Distill-Qwen twin: GQA 4 heads over 2 KV heads, q/k/v biases, tied."""
+  return _dense(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=128, attention_bias=True,
+                rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def tiny_llama() -> ml_collections.ConfigDict:
+  """The Llama-3.1 / R1-Distill-Llama twin: GQA without biases, Llama-3 rope scaling, untied."""
+  return _dense(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-5,
+                rope_theta=500000.0, rope_scaling_type="llama3", llama3_factor=8.0,
+                llama3_low_freq_factor=1.0, llama3_high_freq_factor=4.0,
+                llama3_original_max_position_embeddings=64, tie_word_embeddings=False)
+
+
 PRESETS = {
     "tiny": tiny, "small": small, "deepseek_v3": deepseek_v3,
     "deepseek_v2_lite": deepseek_v2_lite, "moonlight_16b_a3b": moonlight_16b_a3b,
     "tiny_v3": tiny_v3, "tiny_v2_lite": tiny_v2_lite,
+    "qwen2_5_0_5b": qwen2_5_0_5b, "qwen2_5_1_5b": qwen2_5_1_5b, "qwen2_5_7b": qwen2_5_7b,
+    "qwen2_5_math_1_5b": qwen2_5_math_1_5b, "r1_distill_qwen_1_5b": r1_distill_qwen_1_5b,
+    "r1_distill_qwen_7b": r1_distill_qwen_7b, "llama3_1_8b": llama3_1_8b,
+    "r1_distill_llama_8b": r1_distill_llama_8b, "tiny_qwen2": tiny_qwen2,
+    "tiny_llama": tiny_llama,
 }
 
 

@@ -12,13 +12,15 @@ cheap, and neither is a second copy of the model:
     DeepSeek-V2 section 2.1.3 and appendix C), and the 'capacity' MoE dispatch, which runs
     expert-major rounds batched over experts (whatever cfg.moe_impl picks for training).
 The prefill runs the same code over the prompts. Tests hold both to the full forward's logits.
+A GQA model (Qwen2, Llama; cfg.attention_type == 'gqa') runs the same path, its cache
+holding keys and values per KV head ([B, S, 2, Hkv, Dh] per layer) instead of the latent.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from r1jax.model import decoder
+from r1jax.model import decoder, gqa
 from r1jax.model.layers import rms_norm
 
 DECODE_ATTENTION = "absorbed"
@@ -45,10 +47,13 @@ def decode_params(params, cfg) -> dict:
 
 
 def init_caches(cfg, batch: int, max_len: int) -> list:
-  """Empty per-layer caches kv [B, max_len, Z] (c_kv then k_rope) in cfg.dtype."""
+  """Empty per-layer caches in cfg.dtype: MLA kv [B, max_len, Z] (c_kv then k_rope), GQA
+  [B, max_len, 2, Hkv, Dh] (keys then values, `gqa.init_cache`)."""
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.attention_type == "gqa":
+    return [gqa.init_cache(cfg, batch, max_len, dtype) for _ in range(cfg.num_hidden_layers)]
   z = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-  return [jnp.zeros((batch, max_len, z), jnp.dtype(cfg.dtype))
-          for _ in range(cfg.num_hidden_layers)]
+  return [jnp.zeros((batch, max_len, z), dtype) for _ in range(cfg.num_hidden_layers)]
 
 
 def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, read_B=None,
@@ -57,7 +62,7 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
 
   The new latents are written at cache slot = position, and a query at position q attends
   to slots <= q, so stale slots (e.g. a shorter prompt's padding) are overwritten before
-  anything reads them. caches: per layer kv [B, S, Z] (`init_caches`).
+  anything reads them. caches: per layer, as `init_caches` makes them.
   Returns (logits [B, V] float32 of the token at column read_B of each row (default the
   last), caches): the prefill reads each prompt's last token, a decode step its only one.
   fresh=True promises empty caches and positions 0..L-1 in every row (a prefill): attention
@@ -71,11 +76,11 @@ def decode_layers(dparams: dict, cfg, tokens_BxL, positions_BxL, caches: list, r
   valid_BxL = jnp.ones((b, l), bool)
   h_BxLxD = dparams["embed"][tokens_BxL]
   new_caches = []
-  for p, kv_BxSxZ in zip(dparams["layers"], caches):
-    h_BxLxD, _, kv_BxSxZ = decoder.block(
-        p, h_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, cache_BxSxZ=kv_BxSxZ, fresh=fresh,
+  for p, cache in zip(dparams["layers"], caches):
+    h_BxLxD, _, cache = decoder.block(
+        p, h_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, cache=cache, fresh=fresh,
         attention_impl=DECODE_ATTENTION, moe_impl=DECODE_DISPATCH, expert_axis=expert_axis)
-    new_caches.append(kv_BxSxZ)
+    new_caches.append(cache)
   if l == 1:
     h_BxD = h_BxLxD[:, 0]
   else:

@@ -14,7 +14,8 @@ never depends on other rows' lengths. Outputs are [B, W]: W = the prompt array's
 the longest listed prompt) + max_new_tokens.
 Prefill runs the padded [B, P] batch once (positions 0..P-1) and fills preallocated caches
 that hold only the MLA latent entries [c_kv | k_rope] per token per layer (DeepSeek-V2
-section 2.1.3: Z = C + R numbers, never per-head keys and values). The next-token logits
+section 2.1.3: Z = C + R numbers, never per-head keys and values); a GQA model (Qwen2,
+Llama) caches keys and values per KV head instead ([B, S, 2, Hkv, Dh] per layer). The next-token logits
 of row b are read at index n_b - 1. Decode step t feeds row b's previous token at position
 n_b + t - 1; latents are written at slot = position and a query at q sees slots <= q, so
 the prefill's padding slots are overwritten before anything reads them. Prefill and decode
@@ -516,12 +517,18 @@ def _batch_split(mesh, batch_sharding_1d) -> int:
 
 
 def cache_bytes_per_token(cfg, dtype_bytes: int | None = None) -> dict:
-  """Bytes one token occupies in the latent cache vs a per-head MHA cache of the same model.
+  """Bytes one token occupies in the rollout cache vs a per-head MHA cache of the same model.
 
-  Latent (MLA): layers * Z (= C + R). Per-head MHA: layers * H * ((N + R) keys + A values).
+  'cache': what `decode.init_caches` holds. MLA: layers * Z (= C + R), also returned as
+  'latent'; GQA: layers * 2 * Hkv * Dh. 'mha': layers * H * (key + value head sizes)
+  (MLA: (N + R) + A; GQA: 2 Dh). 'ratio' = mha / cache.
   """
   nbytes = dtype_bytes or jnp.dtype(cfg.dtype).itemsize
-  latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * nbytes
-  mha = (cfg.num_hidden_layers * cfg.num_attention_heads
-         * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * nbytes)
-  return {"latent": int(latent), "mha": int(mha), "ratio": mha / latent}
+  layers, h = cfg.num_hidden_layers, cfg.num_attention_heads
+  if cfg.attention_type == "gqa":
+    cache = layers * 2 * config_lib.num_kv_heads(cfg) * cfg.head_dim * nbytes
+    mha = layers * h * 2 * cfg.head_dim * nbytes
+    return {"cache": int(cache), "mha": int(mha), "ratio": mha / cache}
+  latent = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * nbytes
+  mha = layers * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * nbytes
+  return {"cache": int(latent), "latent": int(latent), "mha": int(mha), "ratio": mha / latent}
