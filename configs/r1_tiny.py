@@ -11,7 +11,8 @@ carry digit (the column work is right). GRPO then trains on fresh problems that 
 the verified answer. Held-out: 3-digit sums never seen in training. The control arm spends
 GRPO's wall-clock time on more SFT over the same traces, so it can only imitate the teacher.
 
-Arguments: seed (int), runlocal (bool: a much shorter smoke run), mode (pipeline|sft|grpo|eval).
+Arguments: seed (int), runlocal (bool: a much shorter smoke run), colab (bool: the notebook's
+run, a few minutes on a 2-core CPU), mode (pipeline|sft|grpo|eval).
 """
 import ml_collections
 
@@ -21,7 +22,7 @@ from r1jax.train import evaluate, rl, sft
 
 
 def get_config(arg=None):
-  a = experiment.parse_arg(arg, seed=0, runlocal=False, mode="pipeline")
+  a = experiment.parse_arg(arg, seed=0, runlocal=False, colab=False, mode="pipeline")
   c = ml_collections.ConfigDict()
   c.mode = a.mode
   c.seed = a.seed
@@ -74,4 +75,9 @@ def get_config(arg=None):
   if a.runlocal:
     c.sft.steps, c.sft.num_traces, c.grpo.steps = 30, 64, 4
     c.grpo.prompts_per_step, c.eval.num_problems = 8, 32
+  if a.colab:  # colab/r1_tiny.ipynb: the same cold start, 30 GRPO steps, half the held-out set
+    if a.runlocal:
+      raise ValueError("config arguments 'colab' and 'runlocal' are exclusive")
+    c.grpo.steps, c.grpo.checkpoint_every = 30, 10
+    c.eval.num_problems = 128
   return c
