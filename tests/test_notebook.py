@@ -12,6 +12,7 @@ import sys
 import zipfile
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +67,15 @@ def test_wheel_carries_configs(tmp_path):
   assert r1jax_file == str(site / "r1jax" / "__init__.py"), r1jax_file
   with open(config_file, "rb") as f, open(os.path.join(REPO, "configs", "r1_tiny.py"), "rb") as g:
     assert f.read() == g.read()
+
+
+def test_colab_variant_keeps_the_cold_start():
+  """The notebook's variant shortens GRPO and the held-out set only (a shorter cold start left
+  GRPO nothing to lift)."""
+  from configs import r1_tiny
+  full, colab = r1_tiny.get_config(), r1_tiny.get_config("colab=True")
+  assert colab.sft.to_dict() == full.sft.to_dict() and colab.task == full.task
+  assert (colab.grpo.steps, colab.eval.num_problems) == (30, 128)
+  assert (full.grpo.steps, full.eval.num_problems) == (80, 256)
+  with pytest.raises(ValueError, match="exclusive"):
+    r1_tiny.get_config("colab=True,runlocal=True")
