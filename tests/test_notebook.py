@@ -1,8 +1,8 @@
 """colab/r1_tiny.ipynb runs top to bottom, so no change can silently break what a Colab user
 runs: any cell error fails the test. It runs the notebook's own cells with the recipe's config
-argument swapped from `colab=True` (minutes) to `runlocal=True` (seconds); the colab run itself
-is measured by hand (README, notebook section). The notebook imports `configs` after a pip
-install, so a second test checks that a built wheel carries them."""
+argument swapped from `colab=True` (the learning run) to `runlocal=True` (a smoke run); the
+colab run itself is measured by hand (README, notebook section). The notebook imports
+`configs` after a pip install, so a second test checks that a built wheel carries them."""
 from __future__ import annotations
 
 import os
