@@ -7,7 +7,13 @@ setuptools.setup(
     description="DeepSeek-V3 architecture and the DeepSeek-R1 GRPO recipe in pure JAX.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["r1jax", "r1jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    # configs/ ships as the top-level namespace package `configs` (no __init__.py), so
+    # `from configs import r1_tiny` reads the same from a checkout and from an installed
+    # wheel (colab/r1_tiny.ipynb runs both ways). Configs are code that imports r1jax, and
+    # config files are also passed by path (`--config=configs/r1_tiny.py`), so they stay
+    # beside the package rather than moving into it under a second name.
+    packages=[*setuptools.find_packages(include=["r1jax", "r1jax.*", "pallas_kernels",
+                                                 "pallas_kernels.*"]), "configs"],
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
