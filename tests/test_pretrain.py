@@ -3,8 +3,9 @@ r1jax/run/r1_zero.py), and of the per-depth MTP NLL and balance loss the SFT ste
 
 pretrain_text is checked against hand-written strings, and so are arithmetic's column
 working and tagged dialogues (their share is the option's; they never wrap the task's sums);
-the plain-text rows carry loss on every token and no template text; the pretrain mode writes its checkpoint, summary and curve,
-and latest_params falls back to it; r1_zero stopped inside GRPO resumes from its stages.
+the plain-text rows carry loss on every token and no template text; the pretrain mode writes
+its checkpoint, summary and curve, and latest_params falls back to it; r1_zero stopped inside
+GRPO resumes from its stages.
 """
 from __future__ import annotations
 

@@ -227,7 +227,8 @@ class ArithmeticTask(base.Task):
       raise ValueError(f"{example.uid or 'example'}: not an arithmetic question: "
                        f"{example.question!r}")
     a, b = int(m.group(1)), int(m.group(3))
-    if self.pretrain_tag_rate > 0 and _unit_hash(f"tag/{example.question}") < self.pretrain_tag_rate:
+    tagged = _unit_hash(f"tag/{example.question}") < self.pretrain_tag_rate
+    if tagged:
       return self.template.replace("{question}", compare_question(a, b)) + compare_response(a, b)
     if self.pretrain_working:
       return add_working(a, b)
