@@ -1,9 +1,11 @@
 """Tests of pre-training on plain task text and of the R1-Zero mode (r1jax/run/pretrain.py,
 r1jax/run/r1_zero.py), and of the per-depth MTP NLL and balance loss the SFT step logs.
 
-pretrain_text is checked against hand-written strings; the plain-text rows carry loss on
-every token and no template text; the pretrain mode writes its checkpoint, summary and curve,
-and latest_params falls back to it; r1_zero stopped inside GRPO resumes from its stages.
+pretrain_text is checked against hand-written strings, and so are arithmetic's column
+working and tagged dialogues (their share is the option's; they never wrap the task's sums);
+the plain-text rows carry loss on every token and no template text; the pretrain mode writes
+its checkpoint, summary and curve, and latest_params falls back to it; r1_zero stopped inside
+GRPO resumes from its stages.
 """
 from __future__ import annotations
 
@@ -58,6 +60,52 @@ def test_pretrain_text_of_each_task():
           ex.question.removeprefix("Write a Python function f(x) that returns ")
           .removesuffix(".").split("*x + "))
   assert code.pretrain_text(ex) == f"def f(x):\n  return {a} * x + {b}"
+
+
+def test_pretrain_working_and_tagged_documents_by_hand():
+  from r1jax.tasks import arithmetic
+  assert arithmetic.add_working(47, 85) == "47+85: 7+5=12, 4+8+1=13, so 132"
+  assert arithmetic.add_working(999, 1) == "999+1: 9+1=10, 9+0+1=10, 9+0+1=10, so 1000"
+  assert arithmetic.compare_question(47, 85) == "larger of 47 and 85"
+  assert arithmetic.compare_response(47, 85) == "<think>47 vs 85</think><answer>85</answer>"
+  task = base.get_task("arithmetic", template="compact", pretrain_working=True)
+  assert task.pretrain_text(task.make_example("+", 147, 85)) == \
+      "147+85: 7+5=12, 4+8+1=13, 1+0+1=2, so 232"
+  tagged = base.get_task("arithmetic", template="compact", pretrain_tag_rate=1.0)
+  assert tagged.pretrain_text(tagged.make_example("+", 3, 60)) == \
+      "User: larger of 3 and 60\nAssistant:<think>3 vs 60</think><answer>60</answer>"
+  tok = for_task(task, "char+words")   # the compact template's alphabet covers the new text
+  assert tok.decode(tok.encode(arithmetic.add_working(47, 85))) == "47+85: 7+5=12, 4+8+1=13, so 132"
+  tok = for_task(tagged, "char+words")
+  text = tagged.pretrain_text(tagged.make_example("+", 3, 60))
+  assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0])
+def test_pretrain_tag_rate_is_the_tagged_share_and_never_wraps_the_sums(rate):
+  from r1jax.tasks import arithmetic
+  task = base.get_task("arithmetic", pretrain_working=True, pretrain_tag_rate=rate)
+  examples = task.examples("train", 3000)
+  texts = [task.pretrain_text(e) for e in examples]
+  is_tagged = ["<think>" in t for t in texts]
+  assert abs(np.mean(is_tagged) - rate) < 0.025       # 3000 draws: ~3 standard errors at 0.3
+  for ex, text, tagged in zip(examples, texts, is_tagged):
+    a, b = (int(x) for x in ex.question.split("+"))
+    if tagged:   # the template around the other question, never the task's sum
+      assert text == (f"User: {arithmetic.compare_question(a, b)}\nAssistant:"
+                      f"{arithmetic.compare_response(a, b)}")
+      assert "+" not in text
+    else:
+      assert text == arithmetic.add_working(a, b) and not any(t in text for t in base._TAGS)
+  # The choice is a stable hash of the question: the same documents at every call.
+  assert texts == [task.pretrain_text(e) for e in examples]
+
+
+def test_pretrain_options_check_their_values():
+  with pytest.raises(ValueError, match="pretrain_tag_rate must be in"):
+    base.get_task("arithmetic", pretrain_tag_rate=1.5)
+  with pytest.raises(ValueError, match="pretrain_working writes column working for sums only"):
+    base.get_task("arithmetic", ops=("+", "-"), pretrain_working=True)
 
 
 def test_pretrain_text_is_not_implemented_for_file_tasks(tmp_path):

@@ -13,7 +13,8 @@ held-out prompts this prints, at the GRPO sampling temperature,
 and the expected number of well-formed samples over the run's GRPO samples at the first
 bound. It also prints `plain_accuracy`: how often the base model's greedy continuation of
 the bare `a+b=` (its pre-training text, no template) is the sum, i.e. what pre-training
-taught. Results go to stdout and <workdir>/format_odds.json.
+taught (with `pretrain_working`, `a+b: ` and the sum after its last `so `). Results go to
+stdout and <workdir>/format_odds.json.
 """
 from __future__ import annotations
 
@@ -35,13 +36,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "An r1_zero workdir.", required=
 
 
 class _PlainPrompts:
-  """The task's examples prompted as pre-training text: `a+b=`."""
+  """The task's examples prompted as pre-training text: `a+b=`, or `a+b: ` when the
+  pre-training text is the column working (`pretrain_working`)."""
 
   def __init__(self, task):
-    self.task = task
+    self.working = getattr(task, "pretrain_working", False)
 
   def prompt(self, example) -> str:
-    return self.task.pretrain_text(example)[:-len(example.answer)]
+    return f"{example.question}: " if self.working else f"{example.question}="
+
+  def answer(self, text: str) -> str:
+    """The sum a greedy continuation states: after the last `so ` for the working."""
+    return text.rsplit("so ", 1)[-1].strip() if self.working else text.strip()
 
 
 def odds(params, cfg, task, tokenizer, model_cfg) -> dict:
@@ -63,8 +69,10 @@ def odds(params, cfg, task, tokenizer, model_cfg) -> dict:
     minimal.append(sum(logp[n - 1 + j, tok] for j, tok in enumerate(response)))
   plain = _PlainPrompts(task)
   greedy = dict(cfg.eval.to_dict(), k=1, temperature=0.0)
-  solved = [text.strip() == examples[i].answer for i, _, text, _, _ in evaluate.sample_completions(
-      params, model_cfg, plain, tokenizer, ml_collections.ConfigDict(greedy), examples)]
+  solved = [plain.answer(text) == examples[i].answer
+            for i, _, text, _, _ in evaluate.sample_completions(
+                params, model_cfg, plain, tokenizer, ml_collections.ConfigDict(greedy),
+                examples)]
   samples = cfg.grpo.steps * cfg.grpo.prompts_per_step * cfg.grpo.G
   p_think = float(np.mean(np.exp(first_think)))
   return {"temperature": temperature, "num_prompts": len(examples),

@@ -31,6 +31,7 @@ from r1jax.tasks import base
 
 OPS = ("+", "-", "*")
 _INT_RE = re.compile(r"\A-?\d+\Z")
+_QUESTION_RE = re.compile(r"\A(\d+)([-+*])(\d+)\Z")
 _MAX_TRIES = 1000
 
 
@@ -66,6 +67,28 @@ def sub_trace(a: int, b: int) -> str:
     steps.append(f"{x}-{y}-{borrow}={v}")
     borrow = 1 if v < 0 else 0
   return prefix + ";".join(steps)
+
+
+def add_working(a: int, b: int) -> str:
+  """Plain-text column working of a sum, least significant column first, with no tags:
+  `47+85: 7+5=12, 4+8+1=13, so 132` (a carry in shows as `+1`)."""
+  width = max(len(str(a)), len(str(b)))
+  steps, carry = [], 0
+  for x, y in zip(_digits_lsb(a, width), _digits_lsb(b, width)):
+    s = x + y + carry
+    steps.append(f"{x}+{y}+1={s}" if carry else f"{x}+{y}={s}")
+    carry = s // 10
+  return f"{a}+{b}: {', '.join(steps)}, so {a + b}"
+
+
+def compare_question(a: int, b: int) -> str:
+  """The OTHER question of the tagged pre-training documents: which of two numbers is larger."""
+  return f"larger of {a} and {b}"
+
+
+def compare_response(a: int, b: int) -> str:
+  """Its tagged answer: `<think>47 vs 85</think><answer>85</answer>`."""
+  return base.format_response(f"{a} vs {b}", str(max(a, b)))
 
 
 def mul_trace(a: int, b: int) -> str:
@@ -109,6 +132,14 @@ class ArithmeticTask(base.Task):
       of the sums whose last column carries, the trace's <answer> drops the leading carry
       digit (its <think> columns stay correct). Chosen per problem by a stable hash. Only
       `trace` changes: the gold `answer`, rewards and evaluation always use the true sum.
+    pretrain_working: `pretrain_text` of a sum is its plain-text column working
+      (`add_working`: no tags, no template) instead of the bare equation; needs ops=('+',).
+    pretrain_tag_rate: this share of the pre-training documents (by a stable hash of the
+      question) is a dialogue about other content: the task's template around
+      `compare_question` (the larger of the two operands), then `compare_response`.
+      A base model so knows the <think>/<answer> tokens and that they may follow the
+      template, as dialogue-like web text taught real base models, without ever seeing the
+      task's own sums in the tagged format.
 
   Default GRPO rewards (`default_rewards`): {"accuracy": 1.0}, this task's reward only.
   """
@@ -119,8 +150,16 @@ class ArithmeticTask(base.Task):
   def __init__(self, ops: Sequence[str] = ("+",), train_digits=(2, 3), test_digits=(4, 4),
                train_size: int = 100_000, test_size: int = 1_000,
                test_fraction: float = 0.1, template: str = "compact",
-               trace_slip_rate: float = 0.0):
+               trace_slip_rate: float = 0.0, pretrain_working: bool = False,
+               pretrain_tag_rate: float = 0.0):
     super().__init__(template)
+    if not 0.0 <= pretrain_tag_rate <= 1.0:
+      raise ValueError(f"pretrain_tag_rate must be in [0, 1], got {pretrain_tag_rate}")
+    if pretrain_working and tuple(ops) != ("+",):
+      raise ValueError(f"pretrain_working writes column working for sums only; it needs "
+                       f"ops=('+',), got {tuple(ops)!r}")
+    self.pretrain_working = bool(pretrain_working)
+    self.pretrain_tag_rate = float(pretrain_tag_rate)
     if not 0.0 <= trace_slip_rate <= 1.0:
       raise ValueError(f"trace_slip_rate must be in [0, 1], got {trace_slip_rate}")
     self.trace_slip_rate = float(trace_slip_rate)
@@ -180,9 +219,25 @@ class ArithmeticTask(base.Task):
     return bool(_INT_RE.match(got)) and int(got) == int(answer)
 
   def pretrain_text(self, example: base.Example) -> str:
-    """The bare equation, e.g. `47+85=132`."""
+    """The bare equation, e.g. `47+85=132`; with `pretrain_working` the sum's column
+    working; for a `pretrain_tag_rate` share of questions a tagged dialogue about another
+    question instead (see the class docstring)."""
+    m = _QUESTION_RE.match(example.question)
+    if m is None:
+      raise ValueError(f"{example.uid or 'example'}: not an arithmetic question: "
+                       f"{example.question!r}")
+    a, b = int(m.group(1)), int(m.group(3))
+    tagged = _unit_hash(f"tag/{example.question}") < self.pretrain_tag_rate
+    if tagged:
+      return self.template.replace("{question}", compare_question(a, b)) + compare_response(a, b)
+    if self.pretrain_working:
+      return add_working(a, b)
     return f"{example.question}={example.answer}"
 
   def alphabet(self) -> str:
     chars = self._template_chars() | set("0123456789+-*=;neg")
+    if self.pretrain_working:
+      chars |= set(add_working(1, 2))
+    if self.pretrain_tag_rate > 0:
+      chars |= set(compare_question(1, 2) + compare_response(1, 2))
     return "".join(sorted(chars))

@@ -184,8 +184,10 @@ class Task(abc.ABC):
     """Whether a completion is well-formed and its answer verifies."""
 
   def pretrain_text(self, example: Example) -> str:
-    """The example as plain text for next-token pre-training: no template, no tags, no
-    worked trace (pre-training on it, then GRPO, is the R1-Zero recipe)."""
+    """The example as plain text for next-token pre-training: never the example in the
+    template or the tags, nor its worked trace (pre-training on it, then GRPO, is the R1-Zero
+    recipe). A task may return other content in its place for a share of examples, as
+    `ArithmeticTask`'s `pretrain_tag_rate` does."""
     raise NotImplementedError(f"task {self.name!r} has no plain-text form for pre-training "
                               f"(implement {type(self).__name__}.pretrain_text)")
 
