@@ -23,8 +23,10 @@ from r1jax.train import evaluate
 from r1jax.run import experiment
 from r1jax.tasks import base
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/r1_tiny.py", "Run config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline workdir.", required=True)
+# The flags are defined when the file runs as a script, so importing it (tests/
+# test_error_breakdown.py reads `classify`) beside r1jax.main, which defines --config too,
+# does not define a flag twice.
+_CONFIG = _WORKDIR = None
 
 # stage directory -> the optimizer config its checkpoints were saved with, extra entries
 _STAGES = (("sft", "sft", ()), ("sft_control", "sft", ()), ("grpo", "grpo", ("ref_params",)))
@@ -77,4 +79,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/r1_tiny.py", "Run config.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline workdir.", required=True)
   app.run(main)
