@@ -21,7 +21,8 @@ loss_mask[:, t]. Every segment starts with <bos> (mask 0), so no target ever
 crosses a segment boundary; attention must still use segment_ids.
 
 Pre-training (`pretrain_dataset`): each example becomes <bos> `task.pretrain_text`
-<eos> (plain text: no template, no tags, no trace) with `loss_mask` 1 on every
+<eos> (plain text: the task's problems never in the template, the tags or a trace; see
+`Task.pretrain_text`) with `loss_mask` 1 on every
 token, packed and batched exactly as SFT rows.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""`pretrain` mode: next-token training from random init on plain task text (no template, no
-tags, no worked traces: `Task.pretrain_text`), loss on every token. The result is the base
+"""`pretrain` mode: next-token training from random init on plain task text (the problems
+never in the template or the tags, no worked traces: `Task.pretrain_text`), loss on every
+token. The result is the base
 model of R1-Zero: `grpo` mode on this workdir then starts from it. Writes workdir/config.json
 first and ends with workdir/pretrain/summary.json (with final_loss, final_nll) and
 workdir/pretrain/curves.png (loss and NLL per step).

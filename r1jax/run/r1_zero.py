@@ -1,7 +1,9 @@
 """`r1_zero` mode: the R1-Zero recipe at small scale (DeepSeek-AI 2025, section 2.2).
 
   1. pre-train a base model from random init on plain task text (`pretrain` mode's stage:
-     no template, no <think>/<answer> tags, no worked traces);
+     the task's problems never in the template or the <think>/<answer> tags, no worked
+     traces; a task option may mix in tagged documents about other content, as
+     configs/r1_zero_tiny.py does, standing in for the web text a real base model saw);
   2. held-out accuracy and format rate of that base model (`eval_pretrain`);
   3. GRPO straight from it, no SFT, with rule-based rewards (the config's `grpo.rewards`,
      accuracy + format for R1-Zero) on prompts whose template states the tag format;
