@@ -52,7 +52,7 @@ def param_specs(cfg) -> dict:
 
 def compute_layout(p: dict, cfg) -> dict:
   """The stored attention weights of one layer in the layout `project` / `attend` use."""
-  d, h, n = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_nope_head_dim
+  d, n = cfg.hidden_size, cfg.qk_nope_head_dim
   if cfg.q_lora_rank > 0:
     q_in = p["wq_a"]
     out = {"q_norm": p["q_norm"], "wq_b": p["wq_b"].reshape(cfg.q_lora_rank, -1)}
