@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from r1jax import main as main_lib
 from r1jax.model import decoder, hf
+from r1jax.rollout import sampler as sampler_lib
 from r1jax.run import experiment, print_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,11 +267,24 @@ def test_init_from_hf_needs_a_config_json(tmp_path):
 # ---------------------------------------------------------------------------- init_from_hf
 
 
-def test_a_checkpoint_vocab_past_the_tokenizers_only_trains():
-  # Sampling could draw one of the checkpoint's 256 ids past the tokenizer's 43.
+def test_a_checkpoint_vocab_past_the_tokenizers_samples_only_the_tokenizers_ids():
+  # The checkpoint has 256 ids, the task's tokenizer 43: eval validates, and rollouts draw
+  # only ids the tokenizer decodes (without num_ids, 32 uniform-ish draws over 256 ids would
+  # land past 43 almost surely, which the second half checks).
   cfg = tiny(init_from_hf=HF_V3, mode="eval", **{"model.mtp_depth": 0})
-  check_fails(cfg, "config field 'init_from_hf': the checkpoint's vocab_size (256) exceeds the "
-              "43 tokens", "mode 'eval' samples")
+  experiment.validate(cfg)
+  _, tokenizer, model_cfg = experiment.build(cfg)
+  params = experiment.params_to_evaluate(cfg, "/nonexistent", model_cfg)
+  engine = sampler_lib.Sampler(model_cfg)
+  dparams = engine.prepare(params)
+  kwargs = dict(max_new_tokens=8, temperature=3.0, pad_id=tokenizer.pad_id)
+  out = engine.generate(dparams, [[1, 5, 7]] * 4, jax.random.key(0),
+                        num_ids=tokenizer.vocab_size, **kwargs)
+  new = np.asarray(out.tokens)[:, 3:][np.asarray(out.completion_mask)[:, 3:]]
+  assert new.size == 32 and new.max() < tokenizer.vocab_size
+  sampler_lib.completions_text(out, tokenizer)  # every id decodes
+  out = engine.generate(dparams, [[1, 5, 7]] * 4, jax.random.key(0), **kwargs)
+  assert np.asarray(out.tokens)[:, 3:].max() >= tokenizer.vocab_size
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ Degeneration": keep the smallest set of most likely tokens whose probability rea
 ties with the last kept value are kept too), then a draw by inverting the CDF. Keys: row b
 uses its own key k_b (the given per-row keys, or fold_in(key, b)); step t draws with
 fold_in(k_b, t). So a row's samples depend only on its key, never on the other rows in
-the batch.
+the batch. `num_ids` > 0 draws only ids below it (greedy included): a checkpoint whose
+vocabulary is larger than the run's tokenizer (init_from_hf) never samples an id the
+tokenizer cannot decode.
 
 Log-probs are log_softmax of the raw (temperature 1) logits at the sampled token, whatever
 temperature / top-k / top-p drew it: these are GRPO's pi_old(o_t | q, o_<t) when rollouts
@@ -263,7 +265,7 @@ class _State(NamedTuple):
 
 
 def _rollout(dparams, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, temperature,
-             top_p, top_k, eos_ids, pad_id, cache_sharding, expert_axis=None):
+             top_p, top_k, eos_ids, pad_id, cache_sharding, expert_axis=None, num_ids=0):
   """The jitted body of `Sampler.generate` (see the module docstring for the layout).
 
   expert_axis: run inside shard_map with the routed experts split over this mesh axis; the
@@ -279,7 +281,10 @@ def _rollout(dparams, prompt_BxP, lengths_B, keys_B, *, cfg, max_new_tokens, tem
 
   def emit(st: _State, logits_BxV) -> _State:
     step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, st.t)
-    tok_B = sample_tokens(logits_BxV, step_keys_B, temperature, top_k, top_p)
+    drawn_BxV = logits_BxV
+    if num_ids:  # ids the tokenizer has (see the module docstring)
+      drawn_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < num_ids, logits_BxV, -jnp.inf)
+    tok_B = sample_tokens(drawn_BxV, step_keys_B, temperature, top_k, top_p)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1),
                                  tok_B[:, None], axis=-1)[:, 0]
     active_B = ~st.done_B
@@ -436,7 +441,8 @@ class Sampler:
 
   def generate(self, dparams, prompts, key, *, max_new_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
-               pad_id: int = 0, lengths=None, prompt_bucket: int = 16) -> SampleOutput:
+               pad_id: int = 0, lengths=None, prompt_bucket: int = 16,
+               num_ids: int = 0) -> SampleOutput:
     """Samples a completion for every prompt; see SampleOutput and the module docstring.
 
     dparams: `prepare(params)`. prompts: a [B, P] array of left-aligned prompts with
@@ -445,9 +451,14 @@ class Sampler:
       randomness independently of the batch it is in.
     prompt_bucket: the padded prompt width is rounded up to a multiple of this, so the
       program compiles once per (batch, bucket, max_new_tokens) rather than per prompt length.
+    num_ids: sample only ids < num_ids (0 = the whole vocabulary), e.g. the tokenizer's size.
     """
     cfg = self.cfg
     _check_sampling(cfg, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id)
+    if not 0 <= num_ids <= cfg.vocab_size:
+      raise ValueError(f"num_ids must lie in [0, vocab_size={cfg.vocab_size}], got {num_ids}")
+    if top_k > num_ids > 0:
+      raise ValueError(f"top_k ({top_k}) exceeds num_ids ({num_ids})")
     prompt_BxP, lengths_B = pad_prompts(prompts, pad_id, prompt_bucket, lengths)
     is_array = lengths is not None or (isinstance(prompts, (np.ndarray, jax.Array))
                                        and np.ndim(prompts) == 2)
@@ -472,7 +483,8 @@ class Sampler:
                                        jax.device_put(lengths_B, b1), jax.device_put(keys_B, b1))
     fn = self._program(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                        top_p=float(top_p), top_k=int(top_k),
-                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
+                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
+                       num_ids=int(num_ids) if num_ids < cfg.vocab_size else 0)
     out = fn(dparams, prompt_BxP, lengths_B, keys_B)
     if self.plan is not None:
       out = out._replace(steps=jnp.max(out.steps))

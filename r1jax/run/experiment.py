@@ -254,7 +254,7 @@ def check_dispatch(impl: str, devices) -> None:
 def validate_run(cfg, task, tokenizer, model_cfg) -> None:
   """The checks that need the task's data and the model config, cheap enough for start-up:
 
-  the tokenizer's vocab fits the model's (and equals it in modes that sample); sft.seq_len,
+  the tokenizer's vocab fits the model's (rollouts sample only the tokenizer's ids); sft.seq_len,
   and prompt + max_new_tokens of GRPO and eval, fit model.max_position_embeddings; the
   longest prompt of a sample of the train split (the first 256 examples, or all of a smaller
   source) fits grpo.max_prompt_len; the longest held-out prompt + eval.max_new_tokens fits
@@ -269,12 +269,6 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
     raise ConfigError(f"config field 'task.tokenizer' ({cfg.task.tokenizer!r}) gives a "
                       f"vocabulary of {tokenizer.vocab_size} tokens, but {where}: ids past it "
                       "would be clamped silently; pick a tokenizer that fits")
-  if tokenizer.vocab_size < model_cfg.vocab_size and cfg.mode in SAMPLING_MODES:
-    raise ConfigError(f"config field 'init_from_hf': the checkpoint's vocab_size "
-                      f"({model_cfg.vocab_size}) exceeds the {tokenizer.vocab_size} tokens of "
-                      f"task.tokenizer={cfg.task.tokenizer!r}, and mode {cfg.mode!r} samples: "
-                      "a sampled id past the tokenizer's would not decode. Mode 'sft' trains "
-                      "with it; sampling needs a tokenizer of the checkpoint's size")
   max_pos = model_cfg.max_position_embeddings
   if cfg.sft.seq_len > max_pos:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) exceeds "
@@ -317,7 +311,6 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
 
 
 _SAMPLE = 256  # examples whose lengths validate_run measures per split
-SAMPLING_MODES = ("pipeline", "r1_zero", "grpo", "eval")  # modes that decode sampled token ids
 
 
 def _longest(task, examples, length) -> tuple[int, str]:

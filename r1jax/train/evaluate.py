@@ -69,7 +69,8 @@ def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, se
     padded = chunk + [chunk[-1]] * (ecfg.batch_size - len(chunk))
     out = sampler.generate(dparams, [p for _, _, p in padded], jax.random.fold_in(key, start),
                            max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
-                           eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+                           eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+                           num_ids=tokenizer.vocab_size)
     texts = sampler_lib.completions_text(out, tokenizer)
     for j, (i, s, _) in enumerate(chunk):
       yield i, s, texts[j], int(out.lengths[j]), bool(out.truncated[j])

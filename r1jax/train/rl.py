@@ -376,7 +376,8 @@ def rollout(sampler: sampler_lib.Sampler, dparams, gcfg, batch: data_lib.PromptB
                          lengths=np.repeat(batch.lengths_B, gcfg.G),
                          max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
                          top_p=gcfg.top_p, top_k=gcfg.top_k, eos_ids=(tokenizer.eos_id,),
-                         pad_id=tokenizer.pad_id, prompt_bucket=gcfg.max_prompt_len)
+                         pad_id=tokenizer.pad_id, prompt_bucket=gcfg.max_prompt_len,
+                         num_ids=tokenizer.vocab_size)
   return out, sampler_lib.completions_text(out, tokenizer)
 
 
