@@ -113,7 +113,7 @@ def test_bad_config_field_stops_before_training(tmp_path):
     ("pipeline", "grpo.bogus_field=1", "unknown config field 'grpo.bogus_field'; known fields of "
                                        "grpo: G, adv_scale, beta"),
     ("sft", "task.kwargs.digits=3", "unknown config field 'task.kwargs.digits'; known fields of "
-                                    "task.kwargs: ops, template, test_digits"),
+                                    "task.kwargs: ops, pretrain_tag_rate"),
 ])
 def test_a_bad_field_stops_every_mode_at_start_up_naming_it(tmp_path, mode, override, message):
   proc = run_main(f"--config={TEST_CONFIG}:mode={mode}", f"--config.{override}",
