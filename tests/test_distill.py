@@ -132,11 +132,15 @@ def test_trace_files_round_trip_and_name_bad_lines(tmp_path):
     ("distill.kl_weight", -1.0, "'distill.kl_weight' must be finite"),
     ("distill.kl", "forward", "'distill.kl' is 'forward', which needs a teacher"),
     ("sft.traces_path", "/nonexistent.jsonl", "'sft.traces_path': no such file"),
+    ("distill.teacher_model.hidden", 8, "'distill.teacher_model.hidden' is not a model field"),
 ])
 def test_bad_fields_stop_naming_them(field, value, message):
   cfg = tiny_runs.load_config("mode=sft")
-  section, leaf = field.split(".")
-  cfg[section][leaf] = value
+  *parents, leaf = field.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
   with pytest.raises(experiment.ConfigError, match=message):
     experiment.validate(cfg)
 
@@ -174,8 +178,8 @@ def test_rejection_sample_writes_verified_traces_and_yield(teacher_dir):
 
 def distill_config(teacher_workdir, traces_path, kl):
   cfg = tiny_runs.load_config("mode=distill")
-  cfg.distill.teacher_model = copy.deepcopy(cfg.model)   # the MoE model the teacher trained
-  cfg.model = presets.get("tiny_qwen2", max_position_embeddings=64)  # the dense student
+  # The teacher's MoE model comes from teacher_workdir/config.json; the student is dense.
+  cfg.model = presets.get("tiny_qwen2", max_position_embeddings=64)
   cfg.distill.update(teacher_workdir=teacher_workdir, kl=kl, kl_weight=0.5, kl_chunk=64)
   cfg.sft.update(steps=2, checkpoint_every=2, traces_path=traces_path)
   return cfg
@@ -205,3 +209,36 @@ def test_distill_mode_trains_a_dense_student(teacher_dir, tmp_path, kl):
     # loss = NLL + kl_weight * KL per response token
     np.testing.assert_allclose(rows[0]["loss"], rows[0]["nll"] + 0.5 * rows[0]["kl"], rtol=1e-5)
     assert summary["teacher_params_total"] > 0
+
+
+class _AcceptAll:
+  """The test task with a verifier that accepts every completion (so selection has work)."""
+
+  def __init__(self, task):
+    self._task = task
+
+  def __getattr__(self, name):
+    return getattr(self._task, name)
+
+  def is_correct(self, completion, **unused):
+    del completion, unused
+    return True
+
+
+def test_rejection_sample_selects_per_prompt(teacher_dir):
+  workdir, cfg, _ = teacher_dir
+  task, tokenizer, model_cfg = experiment.build(cfg)
+  params = experiment.latest_params(cfg, workdir, model_cfg)
+  examples = task.examples("train", 4, seed=cfg.seed)
+  rcfg = copy.deepcopy(cfg.rejection)
+  rcfg.update(keep="shortest", dedup=False)
+  records, stats = distill.rejection_sample(params, model_cfg, _AcceptAll(task), tokenizer, rcfg,
+                                            examples, seed=cfg.seed, progress=False)
+  assert stats["accepted"] == stats["generated"] == 8 and stats["prompts_with_accepted"] == 4
+  assert stats["kept"] == len(records) == 4  # one per prompt
+  assert [r["question"] for r in records] == [e.question for e in examples]
+  assert all(r["uid"].rsplit("#", 1)[1] in ("0", "1") for r in records)
+  rcfg.keep = "all"
+  records, stats = distill.rejection_sample(params, model_cfg, _AcceptAll(task), tokenizer, rcfg,
+                                            examples, seed=cfg.seed, progress=False)
+  assert len(records) == 8 and stats["mean_kept_length"] > 0

@@ -3,12 +3,13 @@ dense Qwen2 / Llama config; from init_from_hf or random) by SFT on a teacher's t
 sft.traces_path (default: distill.teacher_workdir/rejection/traces.jsonl, which
 rejection_sample writes), plus the token KL to the teacher of distill.kl when not 'none'
 (r1jax.train.distill). The teacher is the latest checkpoint of distill.teacher_workdir (with
-the architecture distill.teacher_model, its vocab following the task's tokenizer) or the HF
+the model its config.json records, distill.teacher_model's fields over it) or the HF
 checkpoint distill.teacher_from_hf. Writes workdir/config.json first and ends with
 workdir/distill/summary.json and curves.png (loss, NLL, KL per step)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 
@@ -34,18 +35,28 @@ def _with_default_traces(cfg):
 
 
 def teacher(cfg, tokenizer):
-  """(teacher model config, teacher params) of distill.teacher_from_hf or teacher_workdir."""
+  """(teacher model config, teacher params): the HF checkpoint distill.teacher_from_hf (with
+  the run fields of distill.teacher_model, else of the run's model), or the latest checkpoint
+  of distill.teacher_workdir with the model its config.json records, distill.teacher_model's
+  fields over it and the vocab following the task's tokenizer (as `experiment.build`)."""
   dcfg = cfg.distill
-  run_fields = {k: dcfg.teacher_model[k] for k in experiment.RUN_MODEL_FIELDS}
+  over = dcfg.teacher_model.to_dict()
   try:
     if dcfg.teacher_from_hf:
+      run_fields = {k: over.get(k, cfg.model[k]) for k in experiment.RUN_MODEL_FIELDS}
       teacher_cfg, params = hf.load_checkpoint(dcfg.teacher_from_hf, **run_fields)
     else:
-      teacher_cfg = copy.deepcopy(dcfg.teacher_model)
+      path = os.path.join(dcfg.teacher_workdir, metrics.CONFIG_FILE)
+      if not os.path.isfile(path) and not over:
+        raise ValueError(f"no {path} records the teacher's model; set distill.teacher_model")
+      recorded = json.load(open(path, encoding="utf-8")).get("model", {}) if os.path.isfile(
+          path) else {}
+      teacher_cfg = config_lib.model_defaults()
+      teacher_cfg.update({**recorded, **over})
       teacher_cfg.vocab_size = tokenizer.vocab_size
       config_lib.validate_model_config(teacher_cfg)
       params = None
-  except ValueError as e:
+  except (ValueError, TypeError, KeyError) as e:
     field = "teacher_from_hf" if dcfg.teacher_from_hf else "teacher_model"
     raise experiment.ConfigError(f"config field 'distill.{field}': {e}") from None
   teacher_cfg.moe_impl = moe.resolve_impl(teacher_cfg, experiment.training_devices(cfg))

@@ -307,8 +307,9 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
                       f"model.max_position_embeddings ({max_pos})")
   if cfg.mode == "rejection_sample":
     _validate_rejection_run(cfg, task, tokenizer, model_cfg, train)
+  what = "cold-start trace"
   if cfg.sft.traces_path and cfg.mode in TRACE_MODES:
-    sample = sft_traces(cfg)[:_SAMPLE]
+    sample, what = sft_traces(cfg)[:_SAMPLE], f"trace of {cfg.sft.traces_path}"
   else:
     traces = (trace_task(cfg).source("train", seed=cfg.seed) if cfg.task.trace_overrides
               else source)
@@ -321,7 +322,7 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
                                                                              tokenizer)[0]))
   if longest > cfg.sft.seq_len:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) is shorter than the "
-                      f"trace {uid} ({longest} tokens: prompt, trace and <eos>)")
+                      f"{what} {uid} ({longest} tokens: prompt, trace and <eos>)")
 
 
 # Modes whose SFT reads sft.traces_path when it is set.

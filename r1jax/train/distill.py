@@ -61,7 +61,8 @@ def distill_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.teacher_workdir = ""   # workdir whose latest grpo/sft/pretrain checkpoint is the teacher
   c.teacher_from_hf = ""   # or an HF checkpoint dir as the teacher ('' = teacher_workdir)
-  c.teacher_model = config_lib.model_defaults()  # teacher architecture with teacher_workdir
+  # Model fields over the model teacher_workdir/config.json records (empty = as recorded).
+  c.teacher_model = ml_collections.ConfigDict()  # fields over the teacher's recorded model
   c.kl = "none"            # token KL to the teacher: none | forward | reverse
   c.kl_weight = 1.0        # weight of the KL term beside the NLL (both per response token)
   c.kl_chunk = 1024        # tokens per chunk of vocabulary-sized logits in the KL
@@ -96,6 +97,9 @@ def validate_distill(dcfg) -> None:
   if not isinstance(dcfg.kl_chunk, int) or dcfg.kl_chunk < 1:
     raise ValueError(f"config field 'distill.kl_chunk' must be an int >= 1, "
                      f"got {dcfg.kl_chunk!r}")
+  unknown = sorted(set(dcfg.teacher_model.keys()) - set(config_lib.model_defaults().keys()))
+  if unknown:
+    raise ValueError(f"config field 'distill.teacher_model.{unknown[0]}' is not a model field")
   if dcfg.teacher_workdir and dcfg.teacher_from_hf:
     raise ValueError("config fields 'distill.teacher_workdir' and 'distill.teacher_from_hf' "
                      "are both set; the teacher comes from one of them")
