@@ -20,6 +20,7 @@ normalises its loss; R1 used no such term (it reports SFT only).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -61,8 +62,7 @@ def distill_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.teacher_workdir = ""   # workdir whose latest grpo/sft/pretrain checkpoint is the teacher
   c.teacher_from_hf = ""   # or an HF checkpoint dir as the teacher ('' = teacher_workdir)
-  # Model fields over the model teacher_workdir/config.json records (empty = as recorded).
-  c.teacher_model = ml_collections.ConfigDict()  # fields over the teacher's recorded model
+  c.teacher_model = ml_collections.ConfigDict()  # fields over teacher_workdir/config.json's model
   c.kl = "none"            # token KL to the teacher: none | forward | reverse
   c.kl_weight = 1.0        # weight of the KL term beside the NLL (both per response token)
   c.kl_chunk = 1024        # tokens per chunk of vocabulary-sized logits in the KL
@@ -252,7 +252,10 @@ def token_kl(student_hidden_BxLxD, student_head_DxV, teacher_hidden_BxLxD, teach
 
 def make_kl_loss(student_cfg, teacher_cfg, kind: str, weight: float, chunk_size: int):
   """The `extra_loss` of sft.train: (params, student hidden, batch, teacher params) ->
-  (weight * KL sum over the response targets, {'kl': KL per response token})."""
+  (weight * KL sum over the response targets, {'kl': KL per response token}). The teacher's
+  MTP modules, if any, are not run: only its next-token distribution counts."""
+  teacher_cfg = copy.deepcopy(teacher_cfg)
+  teacher_cfg.mtp_depth = 0
 
   def kl_loss(params, hidden_BxLxD, batch, teacher_params):
     _, aux = decoder.forward(teacher_params, batch["tokens"], teacher_cfg,
