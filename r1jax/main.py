@@ -20,15 +20,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from r1jax.run import evaluate, experiment, grpo, inspect_model, pipeline  # noqa: E402
-from r1jax.run import pretrain, print_config, r1_zero, sft  # noqa: E402
+from r1jax.run import distill, evaluate, experiment, grpo, inspect_model, pipeline  # noqa: E402
+from r1jax.run import pretrain, print_config, r1_zero, rejection_sample, sft  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 
 MODES = {"inspect": inspect_model.run, "sft": sft.run, "grpo": grpo.run,
          "eval": evaluate.run, "pipeline": pipeline.run, "pretrain": pretrain.run,
-         "r1_zero": r1_zero.run, "print_config": print_config.run}
+         "r1_zero": r1_zero.run, "print_config": print_config.run,
+         "rejection_sample": rejection_sample.run, "distill": distill.run}
 NO_WORKDIR = ("inspect", "print_config")  # modes that write nothing unless given one
 
 

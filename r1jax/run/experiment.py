@@ -29,7 +29,7 @@ from r1jax.model import decoder, hf, moe
 from r1jax.tasks import base as task_base
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import evaluate as eval_lib
-from r1jax.train import optim, rl, sft
+from r1jax.train import distill, optim, rl, sft
 
 # Config fields that no longer exist -> what replaced them (a command-line override of one
 # stops at start-up with this message instead of a KeyError deep in the flag parser).
@@ -111,7 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run config has, with its default; configs/*.py start from this and change
   what they need, so every config has the same fields."""
   c = ml_collections.ConfigDict()
-  c.mode = "pipeline"               # pipeline | r1_zero | pretrain | sft | grpo | eval | print_config
+  c.mode = "pipeline"               # pipeline | r1_zero | pretrain | sft | grpo | eval |
+                                    # rejection_sample | distill | inspect | print_config
   c.seed = 0                        # parameters, data order and sampling
   c.control = True                  # pipeline: also train the SFT control arm for GRPO's time
   c.mesh = mesh_defaults()          # training mesh (axis sizes); all 1 = one device
@@ -127,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft = sft.sft_defaults()
   c.grpo = rl.grpo_defaults()
   c.eval = eval_lib.eval_defaults()
+  c.rejection = distill.rejection_defaults()  # mode rejection_sample: verified teacher traces
+  c.distill = distill.distill_defaults()  # mode distill: SFT (+ token KL) of a student on them
   return c
 
 
@@ -224,7 +227,12 @@ def _validate(cfg) -> None:
   rl.validate(cfg.grpo)
   eval_lib.validate(cfg.eval)
   sft.validate_pretrain(cfg.pretrain)
-  check_dispatch(cfg.model.moe_impl, _training_devices(cfg))
+  distill.validate_rejection(cfg.rejection)
+  distill.validate_distill(cfg.distill)
+  if cfg.sft.traces_path and cfg.mode in TRACE_MODES and not os.path.isfile(
+      cfg.sft.traces_path):
+    raise ConfigError(f"config field 'sft.traces_path': no such file {cfg.sft.traces_path!r}")
+  check_dispatch(cfg.model.moe_impl, training_devices(cfg))
 
 
 def runnable_impls(devices) -> list[str]:
@@ -297,17 +305,55 @@ def validate_run(cfg, task, tokenizer, model_cfg) -> None:
     raise ConfigError(f"config field 'eval.max_new_tokens' ({cfg.eval.max_new_tokens}) + the "
                       f"held-out prompt {uid} ({longest} tokens) exceed "
                       f"model.max_position_embeddings ({max_pos})")
-  traces = trace_task(cfg).source("train", seed=cfg.seed) if cfg.task.trace_overrides else source
-  if cfg.sft.num_traces > len(traces):
-    raise ConfigError(f"config field 'sft.num_traces' ({cfg.sft.num_traces}) exceeds the "
-                      f"{len(traces)} train examples of task {cfg.task.name!r}")
-  n = min(cfg.sft.num_traces, _SAMPLE)  # the traces are the first num_traces train examples
-  sample = train[:n] if traces is source else [traces[i] for i in range(n)]
+  if cfg.mode == "rejection_sample":
+    _validate_rejection_run(cfg, task, tokenizer, model_cfg, train)
+  what = "cold-start trace"
+  if cfg.sft.traces_path and cfg.mode in TRACE_MODES:
+    sample, what = sft_traces(cfg)[:_SAMPLE], f"trace of {cfg.sft.traces_path}"
+  else:
+    traces = (trace_task(cfg).source("train", seed=cfg.seed) if cfg.task.trace_overrides
+              else source)
+    if cfg.sft.num_traces > len(traces):
+      raise ConfigError(f"config field 'sft.num_traces' ({cfg.sft.num_traces}) exceeds the "
+                        f"{len(traces)} train examples of task {cfg.task.name!r}")
+    n = min(cfg.sft.num_traces, _SAMPLE)  # the traces are the first num_traces train examples
+    sample = train[:n] if traces is source else [traces[i] for i in range(n)]
   longest, uid = _longest(task, sample, lambda ex: len(data_lib.sft_sequence(task, ex,
                                                                              tokenizer)[0]))
   if longest > cfg.sft.seq_len:
     raise ConfigError(f"config field 'sft.seq_len' ({cfg.sft.seq_len}) is shorter than the "
-                      f"cold-start trace {uid} ({longest} tokens: prompt, trace and <eos>)")
+                      f"{what} {uid} ({longest} tokens: prompt, trace and <eos>)")
+
+
+# Modes whose SFT reads sft.traces_path when it is set.
+TRACE_MODES = ("sft", "distill", "pipeline")
+
+
+def _validate_rejection_run(cfg, task, tokenizer, model_cfg, train) -> None:
+  """rejection.num_prompts within the train split; its prompts + max_new_tokens fit."""
+  source = task.source("train", seed=cfg.seed)
+  if cfg.rejection.num_prompts > len(source):
+    raise ConfigError(f"config field 'rejection.num_prompts' ({cfg.rejection.num_prompts}) "
+                      f"exceeds the {len(source)} train examples of task {cfg.task.name!r}")
+  longest, uid = _longest(task, train[:cfg.rejection.num_prompts],
+                          lambda ex: len(tokenizer.encode(task.prompt(ex), add_bos=True)))
+  if longest + cfg.rejection.max_new_tokens > model_cfg.max_position_embeddings:
+    raise ConfigError(f"config field 'rejection.max_new_tokens' "
+                      f"({cfg.rejection.max_new_tokens}) + the train prompt {uid} ({longest} "
+                      f"tokens) exceed model.max_position_embeddings "
+                      f"({model_cfg.max_position_embeddings})")
+
+
+def sft_traces(cfg) -> list:
+  """The examples SFT trains on: the first sft.num_traces records of sft.traces_path when
+  set (all of them when it holds fewer), else the first sft.num_traces train examples of the
+  trace task (`trace_task`). ConfigError naming sft.traces_path for a file it cannot use."""
+  if not cfg.sft.traces_path:
+    return trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  try:
+    return sft.read_traces(cfg.sft.traces_path, cfg.sft.num_traces)
+  except ValueError as e:
+    raise ConfigError(f"config field 'sft.traces_path': {e}") from None
 
 
 _SAMPLE = 256  # examples whose lengths validate_run measures per split
@@ -386,7 +432,7 @@ def build(cfg):
       config_lib.validate_model_config(model_cfg)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-  model_cfg.moe_impl = moe.resolve_impl(model_cfg, _training_devices(cfg))
+  model_cfg.moe_impl = moe.resolve_impl(model_cfg, training_devices(cfg))
   validate_run(cfg, task, tokenizer, model_cfg)
   return task, tokenizer, model_cfg
 
@@ -428,7 +474,8 @@ def mesh_of(cfg):
   return _mesh(cfg.get("mesh"))
 
 
-def _training_devices(cfg) -> list:
+def training_devices(cfg) -> list:
+  """The devices the training mesh spans (the first device without a mesh)."""
   mesh = mesh_of(cfg)
   return jax.devices()[:1] if mesh is None else list(np.asarray(mesh.devices).flat)
 

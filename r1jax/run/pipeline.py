@@ -87,7 +87,7 @@ def run(cfg, workdir: str) -> dict:
 
   mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
   params0 = experiment.initial_params(cfg, model_cfg, mesh)
-  traces = experiment.trace_task(cfg).examples("train", cfg.sft.num_traces, seed=cfg.seed)
+  traces = experiment.sft_traces(cfg)
   evaluate = lambda name, step, params: eval_stage(book, name, step, workdir, params, model_cfg,
                                                   task, tokenizer, cfg.eval, cfg.seed,
                                                   rollout_mesh)

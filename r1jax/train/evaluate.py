@@ -53,7 +53,8 @@ def validate(ecfg) -> None:
 
 def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, seed: int = 0,
                        mesh=None):
-  """ecfg.k completions of each example, ecfg.batch_size rows per generate call.
+  """ecfg.k completions of each example, ecfg.batch_size rows per generate call (with
+  ecfg.top_p / ecfg.top_k where the config has them).
 
   Yields (example index, sample index, completion text, length, truncated) in order. The
   weights are laid out for decoding once, whatever the number of calls.
@@ -69,6 +70,7 @@ def sample_completions(params, model_cfg, task, tokenizer, ecfg, examples, *, se
     padded = chunk + [chunk[-1]] * (ecfg.batch_size - len(chunk))
     out = sampler.generate(dparams, [p for _, _, p in padded], jax.random.fold_in(key, start),
                            max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
+                           top_p=ecfg.get("top_p", 1.0), top_k=ecfg.get("top_k", 0),
                            eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
                            num_ids=tokenizer.vocab_size)
     texts = sampler_lib.completions_text(out, tokenizer)

@@ -9,6 +9,7 @@ each MTP depth's NLL (`mtp_nll_<k>`) and the MoE sequence balance loss (`balance
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -17,6 +18,7 @@ import ml_collections
 
 from r1jax import sharding
 from r1jax.data import datasets as data_lib
+from r1jax.tasks import base, jsonl
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import losses, metrics as metrics_lib, optim
 from r1jax.train.guards import check_finite, check_params_finite, global_norm
@@ -30,6 +32,8 @@ def sft_defaults() -> ml_collections.ConfigDict:
   c.seq_len = 256             # tokens per packed row; every trace (prompt + trace + <eos>) must fit
   c.checkpoint_every = 100    # steps between checkpoints
   c.max_to_keep = 2           # checkpoints kept
+  c.traces_path = ""          # JSONL of traces to train on (rejection_sample writes one): its
+                              # first num_traces records; '' = the task's own traces
   c.optimizer = optim.optimizer_defaults()
   return c
 
@@ -60,6 +64,54 @@ def _validate_loop(scfg, name: str, count_field: str) -> None:
 def validate(scfg) -> None:
   """ValueError naming the first sft config field that no run could use."""
   _validate_loop(scfg, "sft", "num_traces")
+  if not isinstance(scfg.traces_path, str):
+    raise ValueError(f"sft config field 'traces_path' must be a path string ('' = the task's "
+                     f"own traces), got {scfg.traces_path!r}")
+
+
+# ============================================================================ trace files
+# One JSON object per line: {"question", "answer", "trace", "fields", "uid"}, the Example
+# fields (r1jax.tasks.base.Example) of a problem with a worked response.
+
+
+def trace_record(example: base.Example) -> dict:
+  """The JSON record of an example with a trace (`write_traces`)."""
+  return {"question": example.question, "answer": example.answer, "trace": example.trace,
+          "fields": dict(example.fields), "uid": example.uid}
+
+
+def parse_trace_record(record: dict, uid: str) -> base.Example:
+  """An Example from a trace record; ValueError naming `uid` ('path:line') for a record
+  without a question, answer or well-formed trace (<think>...</think><answer>...</answer>)."""
+  for key in ("question", "answer", "trace"):
+    if not isinstance(record.get(key), str):
+      raise ValueError(f"{uid}: field {key!r} must be a string, got "
+                       f"{type(record.get(key)).__name__}")
+  if base.parse_response(record["trace"]) is None:
+    raise ValueError(f"{uid}: field 'trace' is not a well-formed "
+                     "<think>...</think><answer>...</answer> response")
+  fields = record.get("fields") or {}
+  if not isinstance(fields, dict):
+    raise ValueError(f"{uid}: field 'fields' must be an object, got {type(fields).__name__}")
+  return base.Example(question=record["question"], answer=record["answer"],
+                      trace=record["trace"], fields=fields, uid=record.get("uid") or uid)
+
+
+def read_traces(path: str, n: int | None = None) -> list[base.Example]:
+  """The first n (all when None or fewer) trace records of a JSONL file, parsed and checked
+  by `jsonl.read_jsonl` (ValueError '<path>:<line>: ...' for any bad line or no record)."""
+  examples = jsonl.read_jsonl(path, parse_trace_record)
+  return examples if n is None else examples[:n]
+
+
+def write_traces(path: str, records) -> str:
+  """Writes trace records (`trace_record`) as JSONL (atomically); returns the path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r, sort_keys=True) + "\n")
+  os.replace(path + ".tmp", path)
+  return path
 
 
 def validate_pretrain(pcfg) -> None:
@@ -67,14 +119,23 @@ def validate_pretrain(pcfg) -> None:
   _validate_loop(pcfg, "pretrain", "num_examples")
 
 
-def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
-  """jit(step(state, batch) -> (state, metrics)), donating the state. bias_rate: the
-  aux-loss-free router bias update speed u (optim.apply_updates)."""
+def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0, extra_loss=None):
+  """jit(step(state, batch, extra_args=None) -> (state, metrics)), donating the state.
+  bias_rate: the aux-loss-free router bias update speed u (optim.apply_updates).
+  extra_loss: None, or fn(params, hidden_BxLxD, batch, extra_args) -> (loss_sum, metrics)
+  whose sum is added to the LM loss sum before the division by the response token count
+  (distillation's KL term; extra_args, e.g. the teacher's parameters, are a jit argument,
+  not constants of the program), its metrics logged beside the others."""
 
-  def step(state, batch):
+  def step(state, batch, extra_args=None):
     def loss_fn(params):
       s, n, m = losses.lm_loss(params, batch["tokens"], model_cfg, loss_mask=batch["loss_mask"],
-                               segment_ids=batch["segment_ids"], positions=batch["positions"])
+                               segment_ids=batch["segment_ids"], positions=batch["positions"],
+                               return_hidden=extra_loss is not None)
+      if extra_loss is not None:
+        extra_sum, extra_m = extra_loss(params, m.pop("hidden"), batch, extra_args)
+        s = s + extra_sum
+        m = {**m, "extra": extra_m}
       return s / jnp.maximum(n, 1.0), m
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -85,6 +146,7 @@ def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
     for k in range(1, model_cfg.mtp_depth + 1):
       out[f"mtp_nll_{k}"] = m[f"mtp{k}_nll_sum"] / jnp.maximum(m[f"mtp{k}_tokens"], 1.0)
     out["balance_loss"] = m["balance_loss"]
+    out.update(m.get("extra", {}))
     if load is not None:
       out["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
@@ -95,7 +157,7 @@ def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0):
 def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples=None,
           dataset=None, seed: int = 0, steps: int | None = None,
           time_budget_s: float | None = None, name: str = "sft", progress: bool = True,
-          mesh=None, param_rules=None):
+          mesh=None, param_rules=None, extra_loss=None):
   """Trains on `examples`' traces, or on the batches of `dataset`; returns (params, info).
 
   dataset: instead of examples, a grain MapDataset of packed row batches (e.g.
@@ -107,6 +169,8 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples=No
   The run lives in workdir/name: checkpoints/, metrics.jsonl, tb/. Calling again resumes.
   mesh / param_rules: parameters, optimizer state and batches laid out as in `sharding`;
   None: one device.
+  extra_loss: None, or (fn, extra_args): a term added to the loss (make_train_step), e.g.
+  distillation's KL (r1jax.train.distill), with the arrays it reads besides the batch.
   """
   if (examples is None) == (dataset is None):
     raise ValueError("sft.train needs exactly one of examples (SFT traces) and dataset")
@@ -129,7 +193,9 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples=No
     state, start_step = restored.state, restored.step
     it.set_state(restored.data_state["iterator"])
     elapsed = float(restored.data_state["elapsed_s"])
-  train_step = make_train_step(model_cfg, optimizer, scfg.optimizer.router_bias_update_rate)
+  extra_fn, extra_args = extra_loss if extra_loss is not None else (None, None)
+  train_step = make_train_step(model_cfg, optimizer, scfg.optimizer.router_bias_update_rate,
+                               extra_fn)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start_step if start_step else None)
   late = metrics_lib.OneStepLate()
   bar = metrics_lib.ProgressBar(total, ("loss", "nll"), initial=start_step, desc=name,
@@ -148,7 +214,7 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples=No
     while step < total and (time_budget_s is None or elapsed < time_budget_s):
       clock.start()
       batch = sharding.place_batch(next(it), mesh, param_rules)
-      state, m = train_step(state, batch)
+      state, m = train_step(state, batch, extra_args)
       jax.block_until_ready(state["step"])
       elapsed += clock.elapsed()
       step += 1
