@@ -97,9 +97,13 @@ def grpo_defaults() -> ml_collections.ConfigDict:
   c.max_refills = 2            # extra prompt batches per step for dynamic sampling
   c.ref_reset_every = 0        # copy the policy into the reference every N steps (0 = never)
   c.logprob_chunk = 2048       # tokens per chunk for log-probs (never [B, L, V] logits)
-  # One weight per reward component; None = the task's default_rewards (0 if it names none).
-  c.rewards = ml_collections.ConfigDict(
-      {n: ml_collections.config_dict.placeholder(float) for n in REWARD_COMPONENTS})
+  # One weight per reward component (REWARD_COMPONENTS); None = the task's default_rewards.
+  weight = lambda: ml_collections.config_dict.placeholder(float)
+  c.rewards = ml_collections.ConfigDict()
+  c.rewards.accuracy = weight()  # the task's verifier; None = task default (1.0 built-in)
+  c.rewards.format = weight()    # <think>..</think><answer>..</answer>; None = task default (0)
+  c.rewards.language = weight()  # CoT share in the target script (R1 2.3); None = task default
+  c.rewards.overlong = weight()  # DAPO soft overlong penalty (needs overlong_cache_len)
   c.reward_mode = "sum"        # 'sum' (weighted sum) | 'gated' (accuracy only if format == 1)
   c.overlong_cache_len = 0     # DAPO's L_cache (L_max = max_new_tokens); > 0 for 'overlong'
   c.reward_workers = 0         # 0 = score in-process; > 0 = VerifierPool processes
