@@ -70,20 +70,25 @@ def eval_stage(book, name, step, workdir, params, model_cfg, task, tokenizer, ec
   return r
 
 
-def run(cfg, workdir: str) -> dict:
-  """`pipeline` mode (see the module docstring)."""
-  experiment.validate(cfg)  # a bad field of any stage stops here, not after the cold start
-  t_start = time.time()
+def start(cfg, workdir: str, stage_plan):
+  """The start of a multi-stage mode (this one, r1_zero): every check before any work
+  (experiment.validate, and build's start-up checks: lengths, split sizes, vocab), then
+  config.json and the stage book of `stage_plan`. Returns (task, tokenizer, model_cfg, book,
+  parameter counts)."""
+  experiment.validate(cfg)  # a bad field of any stage stops here, not after the first stage
   task, tokenizer, model_cfg = experiment.build(cfg)
-  try:  # likewise more held-out problems than the split holds
-    eval_lib.heldout_examples(task, cfg.eval)
-  except ValueError as e:
-    raise ValueError(f"config field 'eval.num_problems': {e}") from None
   metrics_lib.write_config(workdir, cfg)
-  book = stages_lib.Book(workdir, cfg, plan(cfg))
+  book = stages_lib.Book(workdir, cfg, stage_plan)
   counts = decoder.count_params(model_cfg)
   print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
         f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
+  return task, tokenizer, model_cfg, book, counts
+
+
+def run(cfg, workdir: str) -> dict:
+  """`pipeline` mode (see the module docstring)."""
+  t_start = time.time()
+  task, tokenizer, model_cfg, book, counts = start(cfg, workdir, plan(cfg))
 
   mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
   params0 = experiment.initial_params(cfg, model_cfg, mesh)

@@ -20,10 +20,8 @@ import json
 import os
 import time
 
-from r1jax.model import decoder
 from r1jax.run import experiment, pipeline, pretrain
 from r1jax.run import stages as stages_lib
-from r1jax.train import evaluate as eval_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import rl
 
@@ -44,18 +42,8 @@ def plan(cfg) -> tuple[stages_lib.Stage, ...]:
 
 def run(cfg, workdir: str) -> dict:
   """`r1_zero` mode (see the module docstring)."""
-  experiment.validate(cfg)
   t_start = time.time()
-  task, tokenizer, model_cfg = experiment.build(cfg)
-  try:
-    eval_lib.heldout_examples(task, cfg.eval)
-  except ValueError as e:
-    raise experiment.ConfigError(f"config field 'eval.num_problems': {e}") from None
-  metrics_lib.write_config(workdir, cfg)
-  book = stages_lib.Book(workdir, cfg, plan(cfg))
-  counts = decoder.count_params(model_cfg)
-  print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M "
-        f"activated), vocab {model_cfg.vocab_size}; task {cfg.task.name}")
+  task, tokenizer, model_cfg, book, counts = pipeline.start(cfg, workdir, plan(cfg))
   mesh, rollout_mesh = experiment.mesh_of(cfg), experiment.rollout_mesh_of(cfg)
   evaluate = lambda name, step, params: pipeline.eval_stage(
       book, name, step, workdir, params, model_cfg, task, tokenizer, cfg.eval, cfg.seed,
