@@ -8,10 +8,17 @@ override), never a model edit.
 Mesh axes: 'data' (pure data parallel), 'fsdp' (data parallel with parameters sharded
 ZeRO-3 style), 'expert' (routed experts split across devices), 'tensor' (heads / FFN
 hidden split). A dim whose size does not divide its mesh axis is replicated instead, and a
-mesh axis is used at most once per array.
+mesh axis is used at most once per array; a rule naming an axis outside MESH_AXES is an error.
+
+Placement alone leaves the communication of a sharded MoE to jit's partitioner. Under
+`use_mesh(mesh)` (JAX's context mesh, part of jit's cache key) the model sees the mesh, and
+with model.moe_exchange != 'none' and the routed experts split over 'expert' their layer
+runs expert-parallel under shard_map with explicit token exchanges (model/expert_parallel.py).
+The training loops run their jitted steps in that context.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -77,6 +84,7 @@ def logical_to_spec(logical_axes: Sequence[str], shape: Sequence[int], mesh: Mes
                     rules: Mapping | None = None) -> P:
   """PartitionSpec for one array from its logical axes (see module docstring)."""
   rules = {**RULES, **(rules or {})}
+  check_rules(rules)
   used: set[str] = set()
   out = []
   for name, dim in zip(logical_axes, shape):
@@ -94,6 +102,23 @@ def logical_to_spec(logical_axes: Sequence[str], shape: Sequence[int], mesh: Mes
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else axes)
   return P(*out)
+
+
+def check_rules(rules: Mapping) -> None:
+  """ValueError for a rule whose target is not a mesh axis name (a typo would otherwise
+  replicate that dim silently)."""
+  for name, target in rules.items():
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"sharding rule {name!r} -> {target!r} names {bad}, not mesh axes; "
+                       f"expected names from {MESH_AXES}")
+
+
+def use_mesh(mesh: Mesh | None):
+  """Context in which jitted steps trace with `mesh` as JAX's context mesh (jax.set_mesh),
+  so the model can lay out its expert-parallel MoE; a no-op for mesh=None."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def param_shardings(cfg, mesh: Mesh, rules: Mapping | None = None):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from pallas_kernels.backends import fit_tiling
 
-from r1jax.model import mla, moe
+from r1jax.model import expert_parallel, mla, moe
 from r1jax.model import moe_pallas  # registers 'pallas' before validation reads the registry
 
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -76,6 +76,13 @@ def model_defaults() -> ml_collections.ConfigDict:
   c.moe_impl = "dense"              # a registered dispatch (moe.DISPATCH_IMPLS): 'dense'
                                     # (oracle), 'ragged', 'grouped', 'capacity', 'pallas';
                                     # or 'auto' (moe.resolve_impl: pallas on one TPU/GPU)
+  c.moe_exchange = "none"           # routed experts under a mesh (sharding.use_mesh) with the
+                                    # experts split over 'expert' (expert_parallel.py): 'none'
+                                    # (jit partitions them), 'gather' (dropless all_gather +
+                                    # psum_scatter), 'all_to_all' (fixed capacity, drops past
+                                    # it, counted), 'ragged' (dropless ragged_all_to_all)
+  c.moe_capacity_factor = 1.25      # 'all_to_all': rows per destination shard are
+                                    # ceil(factor * local assignments / expert shards)
   c.pallas_backend = "auto"         # moe_impl='pallas' kernel: 'auto' (from the platform compiled
                                     # for), 'tpu' (Mosaic) or 'gpu' (Triton); see moe_pallas
   c.pallas_tile_m = 0               # gmm tiles (rows, contracted, output columns);
@@ -153,6 +160,12 @@ def validate_model_config(cfg) -> None:
                          ("dtype", DTYPES)):
     if cfg[field] not in allowed:
       raise ValueError(f"model config field {field!r} must be one of {allowed}, got {cfg[field]!r}")
+  if cfg.moe_exchange not in expert_parallel.EXCHANGES:
+    raise ValueError(f"model config field 'moe_exchange' must be one of "
+                     f"{expert_parallel.EXCHANGES}, got {cfg.moe_exchange!r}")
+  cf = cfg.moe_capacity_factor
+  if not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0:
+    raise ValueError(f"model config field 'moe_capacity_factor' must be a number > 0, got {cf!r}")
   _check_pallas_tiles(cfg)
   if cfg.rope_scaling_type == "yarn":
     _positive(cfg, "yarn_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",

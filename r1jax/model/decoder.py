@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.model import config as config_lib
-from r1jax.model import gqa, mla, moe
+from r1jax.model import expert_parallel, gqa, mla, moe
 from r1jax.model import moe_pallas  # noqa: F401  registers moe_impl='pallas'
 from r1jax.model.layers import (ParamSpec, dense, fuse_swiglu, init_from_specs, is_spec, rms_norm,
                                 stack_specs, swiglu, swiglu_specs)
@@ -121,25 +121,26 @@ def with_router_biases(params: dict, bias_MxE) -> dict:
 
 # ---------------------------------------------------------------------------- forward
 
-def layer_layout(p: dict, cfg) -> dict:
-  """One layer's stored weights in the layout `block` runs on (see mla / moe compute_layout)."""
+def layer_layout(p: dict, cfg, fuse_experts: bool = True) -> dict:
+  """One layer's stored weights in the layout `block` runs on (see mla / moe compute_layout;
+  fuse_experts=False under expert-parallel training, see `moe.moe_ffn`'s mesh)."""
   out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
          "attn": _attention(cfg).compute_layout(p["attn"], cfg)}
   if "mlp" in p:
     out["mlp"] = fuse_swiglu(p["mlp"])
   else:
-    out["moe"] = moe.compute_layout(p["moe"])
+    out["moe"] = moe.compute_layout(p["moe"], fuse_experts)
   return out
 
 
 def block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, *, cache=None,
           fresh: bool = False, attention_impl: str | None = None, moe_impl: str | None = None,
-          expert_axis=None):
+          expert_axis=None, mesh=None):
   """One pre-norm transformer block over `layer_layout` weights: (x, MoE stats or None, cache).
 
   cache / fresh: see `mla.attention` (latent cache [B, S, Z]) and `gqa.attention` (per KV
   head [B, S, 2, Hkv, Dh]). attention_impl (MLA only) / moe_impl override the config's (the
-  rollout engine decodes absorbed, with the 'capacity' dispatch); expert_axis: see
+  rollout engine decodes absorbed, with the 'capacity' dispatch); expert_axis, mesh: see
   `moe.moe_ffn`.
   """
   h = rms_norm(x_BxLxD, p["attn_norm"], cfg.rms_norm_eps)
@@ -152,7 +153,8 @@ def block(p: dict, x_BxLxD, positions_BxL, mask_BxLxS, valid_BxL, cfg, *, cache=
   h = rms_norm(x_BxLxD, p["mlp_norm"], cfg.rms_norm_eps)
   if "mlp" in p:
     return x_BxLxD + swiglu(h, p["mlp"]), None, cache
-  y, stats = moe.moe_ffn(p["moe"], h, valid_BxL, cfg, impl=moe_impl, expert_axis=expert_axis)
+  y, stats = moe.moe_ffn(p["moe"], h, valid_BxL, cfg, impl=moe_impl, expert_axis=expert_axis,
+                         mesh=mesh)
   return x_BxLxD + y, stats, cache
 
 
@@ -183,11 +185,12 @@ def cast_params(params, cfg):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _run_stack(layers_p, h, positions, mask, valid, cfg):
+def _run_stack(layers_p, h, positions, mask, valid, cfg, mesh=None):
   """lax.scan over stacked layers (compile time flat in depth), or a Python loop when
-  cfg.scan_layers is False (faster backward on CPU for shallow models)."""
+  cfg.scan_layers is False (faster backward on CPU for shallow models). mesh: see block."""
   def step(carry, layer_p):
-    out, stats, _ = block(layer_layout(layer_p, cfg), carry, positions, mask, valid, cfg)
+    out, stats, _ = block(layer_layout(layer_p, cfg, mesh is None), carry, positions, mask,
+                          valid, cfg, mesh=mesh)
     return out, stats
   if cfg.scan_layers:
     return jax.lax.scan(step, h, layers_p)
@@ -216,13 +219,16 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
             return_hidden: bool = False, compute_logits: bool = True):
   """Logits [B, L, V] (float32) and aux.
 
-  aux: 'tokens_per_expert' [M, E] (valid tokens only), 'balance_loss' (mean over MoE
-  layers of the sequence-wise loss, without alpha), 'mtp_logits' [mtp_depth, B, L, V] when
+  aux: 'tokens_per_expert' [M, E] (valid tokens only), 'dropped_assignments' [M] (routed
+  assignments the 'all_to_all' exchange's capacity dropped, see `expert_parallel`),
+  'balance_loss' (mean over MoE layers of the sequence-wise loss, without alpha), 'mtp_logits' [mtp_depth, B, L, V] when
   mtp_depth > 0 (module k at position i predicts token i+k+1), and 'hidden' (the
   final-normed hidden state [B, L, D]) when return_hidden. compute_logits=False returns None
   for the logits (callers that project the hidden state in chunks, e.g. GRPO's log-probs).
   segment_ids: 0 marks padding; equal ids attend to each other causally. When positions is
   None they restart at every segment.
+  Under `sharding.use_mesh(mesh)` with cfg.moe_exchange != 'none' and the routed experts
+  split over the mesh, the routed experts run expert-parallel (`expert_parallel`).
   """
   b, l = tokens_BxL.shape
   if segment_ids is None:
@@ -233,12 +239,14 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
   valid_BxL = segment_ids != 0
   mask_BxLxL = attention_mask(positions, segment_ids)
   h = p["embed"][tokens_BxL]
+  mesh = expert_parallel.context_mesh(cfg)
   if "dense_layers" in p:
     h, _ = _run_stack(p["dense_layers"], h, positions, mask_BxLxL, valid_BxL, cfg)
   aux = {}
   if "moe_layers" in p:
-    h, stats = _run_stack(p["moe_layers"], h, positions, mask_BxLxL, valid_BxL, cfg)
+    h, stats = _run_stack(p["moe_layers"], h, positions, mask_BxLxL, valid_BxL, cfg, mesh)
     aux["tokens_per_expert"] = stats["tokens_per_expert"]
+    aux["dropped_assignments"] = stats["dropped_assignments"]
     aux["balance_loss"] = jnp.mean(stats["balance_loss"])
   else:
     aux["balance_loss"] = jnp.zeros((), jnp.float32)
@@ -246,11 +254,11 @@ def forward(params: dict, tokens_BxL, cfg, *, positions=None, segment_ids=None,
   if return_hidden:
     aux["hidden"] = rms_norm(h, p["final_norm"], cfg.rms_norm_eps)
   if cfg.mtp_depth > 0:
-    aux["mtp_logits"] = _mtp(p, h, tokens_BxL, positions, mask_BxLxL, valid_BxL, cfg)
+    aux["mtp_logits"] = _mtp(p, h, tokens_BxL, positions, mask_BxLxL, valid_BxL, cfg, mesh)
   return logits, aux
 
 
-def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg):
+def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg, mesh=None):
   """Runs the MTP modules in sequence; returns logits [mtp_depth, B, L, V]."""
   def step(carry, xs):
     h_prev, depth = carry
@@ -261,7 +269,8 @@ def _mtp(p, h_BxLxD, tokens_BxL, positions, mask, valid, cfg):
     both = jnp.concatenate([rms_norm(emb, mod["enorm"], cfg.rms_norm_eps),
                             rms_norm(h_prev, mod["hnorm"], cfg.rms_norm_eps)], axis=-1)
     h_k = dense(both, mod["eh_proj"])
-    h_k, _, _ = block(layer_layout(mod["block"], cfg), h_k, positions, mask, valid, cfg)
+    h_k, _, _ = block(layer_layout(mod["block"], cfg, mesh is None), h_k, positions, mask,
+                      valid, cfg, mesh=mesh)
     return (h_k, depth + 1), _head(p, h_k, mod["final_norm"], cfg)
   _, logits = jax.lax.scan(step, (h_BxLxD, jnp.int32(1)), p["mtp"])
   return logits

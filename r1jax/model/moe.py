@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import pallas_kernels
 
+from r1jax.model import expert_parallel
 from r1jax.model.layers import ParamSpec, fuse_swiglu, swiglu, swiglu_specs
 
 # name -> fn(experts, x_TxD, idx_TxK, weights_TxK, cfg) -> y_TxD
@@ -100,9 +101,12 @@ def param_specs(cfg) -> dict:
   return specs
 
 
-def compute_layout(p: dict) -> dict:
-  """One MoE layer's stored weights in the layout `moe_ffn` runs on (SwiGLUs fused)."""
-  out = {"router": p["router"], "experts": fuse_swiglu(p["experts"])}
+def compute_layout(p: dict, fuse_experts: bool = True) -> dict:
+  """One MoE layer's stored weights in the layout `moe_ffn` runs on (SwiGLUs fused).
+  fuse_experts=False keeps the routed experts as stored: under expert-parallel training
+  they are fused inside the shard_map, per 'tensor' shard of their hidden dim."""
+  experts = fuse_swiglu(p["experts"]) if fuse_experts else p["experts"]
+  out = {"router": p["router"], "experts": experts}
   if "shared" in p:
     out["shared"] = fuse_swiglu(p["shared"])
   return out
@@ -292,43 +296,51 @@ def sequence_balance_loss(scores_TxE, idx_TxK, valid_BxL, cfg):
   return jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
 
 
-def moe_ffn(p: dict, x_BxLxD, valid_BxL, cfg, *, impl: str | None = None, expert_axis=None):
+def moe_ffn(p: dict, x_BxLxD, valid_BxL, cfg, *, impl: str | None = None, expert_axis=None,
+            mesh=None):
   """Routed + shared experts over `compute_layout` weights. Returns (y [B, L, D], stats).
 
   impl: the dispatch (default cfg.moe_impl; a still unresolved 'auto' takes jax.devices(),
-  see `resolve_impl`). expert_axis: inside shard_map, the mesh axis (or axes) the routed
-  experts are split over, each shard holding its own tokens and E / n experts (DeepSeek-V3
-  section 3.4: attention data-parallel, experts expert-parallel). The shards' tokens are
-  all-gathered, routed, each shard runs its own experts over all of them (assignments to
-  other shards' experts are dropped), and the partial outputs are reduce-scattered back to
-  the tokens they came from: every shard reads only its share of the expert weights.
-  stats: 'tokens_per_expert' [E] over valid tokens (all shards' under
-  expert_axis) and 'balance_loss' (0 unless cfg.seq_aux_alpha > 0 and no expert_axis).
+  see `resolve_impl`). Tokens are routed where they are (routing is per token); the routed
+  experts then run in one of three ways:
+    expert_axis: inside a shard_map (the rollout engine's), the mesh axis (or axes) the
+      routed experts are split over: the 'gather' exchange of `expert_parallel`.
+    mesh: the training forward's context mesh (`expert_parallel.context_mesh`): the
+      routed experts under jax.shard_map with cfg.moe_exchange (`expert_parallel`); p's
+      experts are then the stored, unfused weights (`compute_layout(fuse_experts=False)`).
+    neither: the dispatch over all experts, partitioned by jit if the arrays are sharded.
+  stats: 'tokens_per_expert' [E] over valid tokens (all shards' under expert_axis),
+  'dropped_assignments' (assignments the 'all_to_all' exchange's capacity dropped; 0 for the
+  dropless ways) and 'balance_loss' (0 unless cfg.seq_aux_alpha > 0 and no expert_axis).
   """
   b, l, d = x_BxLxD.shape
-  x_local_TxD = x_BxLxD.reshape(b * l, d)
+  x_TxD = x_BxLxD.reshape(b * l, d)
   valid_T = valid_BxL.reshape(b * l).astype(jnp.float32)
-  x_TxD = x_local_TxD
-  if expert_axis is not None:
-    x_TxD = jax.lax.all_gather(x_local_TxD, expert_axis, axis=0, tiled=True)
-    valid_T = jax.lax.all_gather(valid_T, expert_axis, axis=0, tiled=True)
   idx_TxK, weights_TxK, scores_TxE = route(p["router"], x_TxD, cfg)
-  local_TxK = idx_TxK
-  if expert_axis is not None:  # this shard's experts are [first, first + e); others -> e
-    e = _num_experts(p["experts"])
-    local_TxK = idx_TxK - jax.lax.axis_index(expert_axis) * e
-    local_TxK = jnp.where((local_TxK >= 0) & (local_TxK < e), local_TxK, e)
   impl = impl or cfg.moe_impl
   if impl == "auto":
     impl = auto_impl(jax.devices())
-  y_TxD = dispatch_fn(impl)(p["experts"], x_TxD, local_TxK, weights_TxK, cfg)
+  dispatch = dispatch_fn(impl)
+  dropped = jnp.zeros((), jnp.int32)
   if expert_axis is not None:
-    y_TxD = jax.lax.psum_scatter(y_TxD, expert_axis, scatter_dimension=0, tiled=True)
+    y_TxD, _ = expert_parallel.exchange("gather", p["experts"], x_TxD, idx_TxK, weights_TxK,
+                                        cfg, dispatch, expert_axis)
+  elif mesh is not None:
+    k = idx_TxK.shape[1]
+    axes = {n: s.axes for n, s in param_specs(cfg)["experts"].items()}
+    y_BxLxD, dropped = expert_parallel.routed_experts(
+        p["experts"], axes, x_BxLxD, idx_TxK.reshape(b, l, k), weights_TxK.reshape(b, l, k),
+        cfg, dispatch, mesh)
+    y_TxD = y_BxLxD.reshape(b * l, d)
+  else:
+    y_TxD = dispatch(p["experts"], x_TxD, idx_TxK, weights_TxK, cfg)
   if "shared" in p:
-    y_TxD = y_TxD + swiglu(x_local_TxD, p["shared"])
+    y_TxD = y_TxD + swiglu(x_TxD, p["shared"])
   tokens_per_expert_E = jnp.einsum(
       "tke,t->e", jax.nn.one_hot(idx_TxK, cfg.n_routed_experts, dtype=jnp.float32), valid_T)
-  stats = {"tokens_per_expert": tokens_per_expert_E}
+  if expert_axis is not None:
+    tokens_per_expert_E = jax.lax.psum(tokens_per_expert_E, expert_axis)
+  stats = {"tokens_per_expert": tokens_per_expert_E, "dropped_assignments": dropped}
   if cfg.seq_aux_alpha > 0 and expert_axis is None:
     stats["balance_loss"] = sequence_balance_loss(scores_TxE, idx_TxK, valid_BxL, cfg)
   else:
