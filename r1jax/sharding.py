@@ -121,6 +121,16 @@ def use_mesh(mesh: Mesh | None):
   return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
+def in_mesh(fn, mesh: Mesh | None):
+  """fn called under `use_mesh(mesh)` (fn itself for mesh=None): the training loops' steps."""
+  if mesh is None:
+    return fn
+  def call(*args, **kwargs):
+    with use_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
+
+
 def param_shardings(cfg, mesh: Mesh, rules: Mapping | None = None):
   """NamedSharding tree parallel to `decoder.init_params(cfg, key)`."""
   return jax.tree.map(

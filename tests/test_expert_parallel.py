@@ -140,6 +140,9 @@ def test_context_mesh_is_part_of_the_jit_cache_key():
   assert float(fn(0.0)) == 0.0
   with sharding.use_mesh(_mesh("dp2_fsdp2_ep2")):
     assert float(fn(0.0)) == 1.0
+  assert float(fn(0.0)) == 0.0
+  assert float(sharding.in_mesh(fn, _mesh("fsdp2_ep4"))(0.0)) == 1.0
+  assert sharding.in_mesh(fn, None) is fn
 
 
 def test_rules_place_experts_as_declared():
@@ -205,3 +208,23 @@ def test_mesh_and_rule_errors():
     _cfg(moe_exchange="alltoall")
   with pytest.raises(ValueError, match="moe_capacity_factor"):
     _cfg(moe_capacity_factor=0.0)
+
+
+def test_sft_step_under_the_training_mesh_is_expert_parallel():
+  """sft.train runs its step under sharding.in_mesh(step, mesh): traced there, the step's
+  MoE is the shard_map exchange and its metrics carry the dropped count (traced only)."""
+  from r1jax.train import optim, sft
+  cfg = _cfg(moe_exchange="all_to_all", moe_capacity_factor=0.5)
+  opt_cfg = sft.sft_defaults().optimizer
+  optimizer = optim.make_optimizer(opt_cfg, 4)
+  params, tokens = _data()
+  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+  batch = {"tokens": tokens, "loss_mask": jnp.ones((B, L)), "segment_ids": jnp.ones((B, L), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(L), (B, L))}
+  step = sft.make_train_step(cfg, optimizer)
+  with sharding.use_mesh(_mesh("dp2_fsdp2_ep2")):
+    text = str(jax.make_jaxpr(step)(state, batch))
+    _, metrics = jax.eval_shape(step, state, batch)
+  assert "shard_map" in text and "all_to_all" in text
+  assert metrics["dropped_assignments"].shape == ()
+  assert "shard_map" not in str(jax.make_jaxpr(step)(state, batch))

@@ -66,4 +66,5 @@ def lm_loss(params, tokens_BxL, cfg, *, loss_mask=None, segment_ids=None, positi
     metrics["hidden"] = aux["hidden"]
   if "tokens_per_expert" in aux:
     metrics["tokens_per_expert"] = aux["tokens_per_expert"]
+    metrics["dropped_assignments"] = aux["dropped_assignments"]
   return loss_sum, denom, metrics

@@ -433,8 +433,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
     times = dict(restored.data_state["times"])
     steps_no_rows = int(restored.data_state.get("steps_no_rows", 0))
     prev_tries = int(restored.data_state.get("prev_tries", 0))
-  update = make_update_step(model_cfg, gcfg, optimizer)
-  ref_logprobs = make_ref_logprobs(model_cfg, gcfg)
+  update = sharding.in_mesh(make_update_step(model_cfg, gcfg, optimizer), mesh)
+  ref_logprobs = sharding.in_mesh(make_ref_logprobs(model_cfg, gcfg), mesh)
   sampler = sampler_lib.Sampler(model_cfg, mesh if rollout_mesh is None else rollout_mesh,
                                 param_rules)
   scorer = Scorer(task_name, task_kwargs or {}, task, gcfg)

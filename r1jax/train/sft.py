@@ -149,6 +149,7 @@ def make_train_step(model_cfg, optimizer, bias_rate: float = 0.0, extra_loss=Non
     out.update(m.get("extra", {}))
     if load is not None:
       out["expert_imbalance"] = jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
+      out["dropped_assignments"] = jnp.sum(m["dropped_assignments"])
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, out
 
   return jax.jit(step, donate_argnums=0)
@@ -194,8 +195,8 @@ def train(model_cfg, scfg, workdir: str, *, task, tokenizer, params, examples=No
     it.set_state(restored.data_state["iterator"])
     elapsed = float(restored.data_state["elapsed_s"])
   extra_fn, extra_args = extra_loss if extra_loss is not None else (None, None)
-  train_step = make_train_step(model_cfg, optimizer, scfg.optimizer.router_bias_update_rate,
-                               extra_fn)
+  train_step = sharding.in_mesh(make_train_step(
+      model_cfg, optimizer, scfg.optimizer.router_bias_update_rate, extra_fn), mesh)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start_step if start_step else None)
   late = metrics_lib.OneStepLate()
   bar = metrics_lib.ProgressBar(total, ("loss", "nll"), initial=start_step, desc=name,
