@@ -27,7 +27,11 @@ for several (a jit over a mesh cannot partition Pallas kernels), 'grouped' for C
 Every dispatch is fn(experts, x_TxD, idx_TxK, weights_TxK, cfg) -> y_TxD over the experts in
 `layers.fuse_swiglu` layout ({'w_gu' [E, D, 2F], 'w_down' [E, F, D]}), E read off the
 weights, and drops every assignment whose expert index is E (one past the last): under
-expert parallelism those belong to another shard's experts (`moe_ffn(expert_axis=...)`).
+expert parallelism (expert_parallel.py) the dispatch runs on one shard's E_l experts with
+K = 1 and local ids, E_l marking an empty row. How the routed experts meet their tokens is
+`moe_ffn`'s choice: the dispatch over all experts (jit partitions it on a mesh), or an
+exchange of cfg.moe_exchange under shard_map (training under `sharding.use_mesh`), or the
+'gather' exchange inside the rollout engine's shard_map (expert_axis).
 A new dispatch registers itself with `register_dispatch(name)`.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ cfg.pallas_tile_m / _k / _n override the tiles (0: `pallas_kernels.default_tilin
 backend and compute dtype, shrunk to small dims by gmm).
 
 A Mosaic kernel cannot be partitioned by XLA: on a multi-device mesh run this dispatch
-inside shard_map (moe_ffn(expert_axis=...) does), or compile for one device.
+inside shard_map (the expert_parallel exchanges do), or compile for one device.
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ batch. Two layouts run one rollout per batch shard under shard_map: all paramete
 replicated (shards never communicate, each stops at its own EOS), and replicated except
 the routed experts split over batch axes such as 'expert' (DeepSeek-V3 section 3.4's
 deployment: attention data-parallel, MoE expert-parallel, tokens exchanged at each MoE
-layer, so each shard reads only its share of the expert weights). Other layouts run as
+layer by expert_parallel's 'gather' exchange, the code expert-parallel training uses, so
+each shard reads only its share of the expert weights). Other layouts run as
 one jit-partitioned program.
 """
 from __future__ import annotations
