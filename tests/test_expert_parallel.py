@@ -228,3 +228,4 @@ def test_sft_step_under_the_training_mesh_is_expert_parallel():
   assert "shard_map" in text and "all_to_all" in text
   assert metrics["dropped_assignments"].shape == ()
   assert "shard_map" not in str(jax.make_jaxpr(step)(state, batch))
+
