@@ -229,3 +229,15 @@ def test_sft_step_under_the_training_mesh_is_expert_parallel():
   assert metrics["dropped_assignments"].shape == ()
   assert "shard_map" not in str(jax.make_jaxpr(step)(state, batch))
 
+
+
+def test_ragged_all_to_all_emulation_matches_the_documented_example():
+  """The CPU emulation on lax.ragged_all_to_all's docstring example (axis of size 2)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  args = [np.array(v, np.int32) for v in (
+      [[1, 2, 2], [3, 4, 0]], [[0, 0, 0, 0]] * 2, [[0, 1], [0, 1]], [[1, 2], [1, 1]],
+      [[0, 0], [1, 2]], [[1, 1], [2, 1]])]
+  fn = jax.shard_map(
+      lambda *a: expert_parallel.ragged_all_to_all(*(v[0] for v in a), "x")[None],
+      mesh=mesh, in_specs=(P("x"),) * 6, out_specs=P("x"))
+  np.testing.assert_array_equal(np.asarray(jax.jit(fn)(*args)), [[1, 3, 0, 0], [2, 2, 4, 0]])
