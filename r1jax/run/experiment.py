@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout_mesh = mesh_defaults()  # GRPO sampling and eval mesh; all 1 = the training mesh
   c.rollout_mesh_devices = "first"  # 'first': the rollout mesh takes the first devices (shared
                                     # with training); 'after_training': the devices after the
-                                    # training mesh's (disjoint; all 1 = the next one device)
+                                    # training mesh's (disjoint; all 1 = the one device after)
   c.init_from_hf = ""               # HF checkpoint dir every stage starts from ('' = random init)
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"        # a registered task (r1jax.tasks.task_names())
@@ -458,13 +458,12 @@ def _mesh_shape(shape) -> dict:
   return {} if all(v == 1 for v in shape.values()) else shape
 
 
-def _mesh(shape, devices=None):
-  """The mesh of a mesh field over `devices` (default all), or None; without a -1 axis it
-  takes the first of them."""
+def _mesh(shape):
+  """The mesh of a mesh field, or None; without a -1 axis it takes the first devices."""
   shape = _mesh_shape(shape)
   if not shape:
     return None
-  devices = jax.devices() if devices is None else list(devices)
+  devices = jax.devices()
   if -1 not in shape.values():
     n = math.prod(shape.values())
     if 0 < n <= len(devices):
