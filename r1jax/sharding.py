@@ -19,6 +19,7 @@ The training loops run their jitted steps in that context.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -162,7 +163,60 @@ def place_params(params, cfg, mesh: Mesh | None, rules: Mapping | None = None):
   """params laid out by `param_shardings` (the training loops' placement); as is without a mesh."""
   if mesh is None:
     return params
-  return jax.device_put(params, param_shardings(cfg, mesh, rules))
+  return transfer(params, param_shardings(cfg, mesh, rules))
+
+
+def transfer(tree, shardings):
+  """`tree` laid out as `shardings` (a parallel tree of NamedShardings), device to device,
+  whichever devices the arrays and the targets span (e.g. the training mesh's weights to a
+  rollout mesh on other devices).
+
+  Why not jax.device_put alone: it copies device to device only when an array already has
+  the target's layout over as many devices, or lives on one device; any other reshard
+  (fsdp-split weights to replicated ones, on the same devices or on others) goes through
+  host memory. So an array on other devices is first laid out as the target on its own
+  devices by a jitted identity (the partitioner's collectives), then copied shard for shard;
+  with a different device count it is replicated on its devices instead and one replica is
+  sliced on its device and copied. An array on the target's devices is resharded by the
+  jitted identity alone. Host arrays and arrays on one device go through jax.device_put.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = treedef.flatten_up_to(shardings)
+  out = list(leaves)
+  groups: dict = {}  # source devices -> indices of the leaves to reshard there first
+  for i, (x, s) in enumerate(zip(leaves, targets)):
+    src = x.sharding if isinstance(x, jax.Array) else None
+    if src is None or len(src.device_set) == 1 or src.is_equivalent_to(s, x.ndim):
+      out[i] = jax.device_put(x, s)
+    else:
+      groups.setdefault(tuple(sorted(src.device_set, key=lambda d: d.id)), []).append(i)
+  for devices, idx in groups.items():
+    staged = [_staged(devices, targets[i]) for i in idx]
+    arrays = _identity_to(tuple(staged))([leaves[i] for i in idx])
+    for i, a, st in zip(idx, arrays, staged):
+      s = targets[i]
+      if st is s:
+        out[i] = a
+      elif st.num_devices == s.num_devices:
+        out[i] = jax.device_put(a, s)  # the same layout: a copy per shard
+      else:
+        out[i] = jax.device_put(a.addressable_shards[0].data, s)  # one replica, sliced
+  return jax.tree.unflatten(treedef, out)
+
+
+def _staged(devices, target: NamedSharding) -> NamedSharding:
+  """Where `transfer` lays an array out on its own `devices` before the copy."""
+  if set(devices) == target.device_set:
+    return target
+  if len(devices) == target.num_devices:
+    mesh = Mesh(np.asarray(devices).reshape(target.mesh.devices.shape), target.mesh.axis_names)
+    return NamedSharding(mesh, target.spec)
+  return NamedSharding(Mesh(np.asarray(devices), ("all",)), P())
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_to(shardings: tuple):
+  return jax.jit(lambda xs: xs, out_shardings=list(shardings))
 
 
 def place_batch(batch: Mapping, mesh: Mesh | None, rules: Mapping | None = None) -> dict:

@@ -362,7 +362,7 @@ def test_print_config_through_main_prints_every_field_with_its_comment(capsys, m
   # Tree order: a sub-config's own fields, then its sub-configs.
   names = [line.split(" = ", 1)[0] for line in out]
   assert names.index("grpo.top_p") < names.index("grpo.optimizer.b1")
-  assert names[:4] == ["control", "init_from_hf", "mode", "seed"]
+  assert names[:5] == ["control", "init_from_hf", "mode", "rollout_mesh_devices", "seed"]
 
 
 def test_print_config_comments_cover_the_skeletons_own_fields():

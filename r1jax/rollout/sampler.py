@@ -412,11 +412,12 @@ class Sampler:
     """The weights in the decode layout (`decode.decode_params`), on this sampler's devices.
 
     Call it once per set of weights (a GRPO step, an evaluation) and pass the result to
-    every `generate` with those weights. Parameters already placed by
-    `sharding.place_params` are used where they are; others are placed first.
+    every `generate` with those weights. Parameters already in this sampler's layout are used
+    where they are; others (e.g. the training mesh's, on the same or on other devices) are
+    resharded device to device first (`sharding.transfer`: no copy through host memory).
     """
     if self.mesh is not None:
-      params = jax.device_put(params, self.param_shardings)
+      params = sharding.transfer(params, self.param_shardings)
     return self._prepare(params)
 
   def _program(self, **static):

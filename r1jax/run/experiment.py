@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.control = True                  # pipeline: also train the SFT control arm for GRPO's time
   c.mesh = mesh_defaults()          # training mesh (axis sizes); all 1 = one device
   c.rollout_mesh = mesh_defaults()  # GRPO sampling and eval mesh; all 1 = the training mesh
+  c.rollout_mesh_devices = "first"  # 'first': the rollout mesh takes the first devices (shared
+                                    # with training); 'after_training': the devices after the
+                                    # training mesh's (disjoint; all 1 = the one device after)
   c.init_from_hf = ""               # HF checkpoint dir every stage starts from ('' = random init)
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"        # a registered task (r1jax.tasks.task_names())
@@ -214,11 +217,11 @@ def validate(cfg) -> None:
 
 
 def _validate(cfg) -> None:
-  for field in ("mesh", "rollout_mesh"):
-    try:
-      _mesh(cfg.get(field))
-    except ValueError as e:
-      raise ConfigError(f"config field {field!r}: {e}") from None
+  try:
+    mesh_of(cfg)
+  except ValueError as e:
+    raise ConfigError(f"config field 'mesh': {e}") from None
+  rollout_mesh_of(cfg)  # ConfigError naming rollout_mesh or rollout_mesh_devices
   _task_class(cfg.task.name)  # an unknown task name stops here, naming the field
   if cfg.init_from_hf and not os.path.isfile(os.path.join(cfg.init_from_hf, "config.json")):
     raise ConfigError(f"config field 'init_from_hf': no config.json in {cfg.init_from_hf!r} "
@@ -480,14 +483,45 @@ def training_devices(cfg) -> list:
   return jax.devices()[:1] if mesh is None else list(np.asarray(mesh.devices).flat)
 
 
+ROLLOUT_MESH_DEVICES = ("first", "after_training")
+
+
 def rollout_mesh_of(cfg):
   """The mesh rollouts run on (GRPO's sampling, evaluation): `cfg.rollout_mesh` when any
   axis is not 1, else the training mesh (`mesh_of`). A rollout mesh of its own, e.g.
   data=-1 with training on one device, runs one rollout per device: on a CPU host (with one
   host device per core, as `r1jax.main` sets up) the decode loop's small ops then use every
-  core, which one device's loop does not."""
-  mesh = _mesh(cfg.get("rollout_mesh"))
-  return mesh_of(cfg) if mesh is None else mesh
+  core, which one device's loop does not.
+
+  cfg.rollout_mesh_devices='after_training' puts it on the devices after the training
+  mesh's instead of the first ones (-1: all of them; every axis 1: the next device), so
+  sampling and training hold disjoint devices (the weights are resharded device to device
+  once per step, `sharding.transfer`). ConfigError naming the field when it cannot be built.
+  """
+  where = cfg.get("rollout_mesh_devices", "first")
+  if where not in ROLLOUT_MESH_DEVICES:
+    raise ConfigError(f"config field 'rollout_mesh_devices' is {where!r}; expected one of "
+                      f"{', '.join(map(repr, ROLLOUT_MESH_DEVICES))}")
+  if where == "first":
+    try:
+      mesh = _mesh(cfg.get("rollout_mesh"))
+    except ValueError as e:
+      raise ConfigError(f"config field 'rollout_mesh': {e}") from None
+    return mesh_of(cfg) if mesh is None else mesh
+  used = training_devices(cfg)
+  free = [d for d in jax.devices() if d not in used]
+  shape = _mesh_shape(cfg.get("rollout_mesh")) or {"data": 1}
+  need = math.prod(v for v in shape.values() if v != -1)
+  if not free or (-1 not in shape.values() and need > len(free)):
+    raise ConfigError(
+        f"config field 'rollout_mesh_devices' is 'after_training', but the training mesh "
+        f"takes {len(used)} of the {len(jax.devices())} devices, leaving {len(free)} for a "
+        f"rollout_mesh of {need} (set rollout_mesh / mesh smaller, or 'first' to share them)")
+  try:
+    return sharding.make_mesh(shape, free if -1 in shape.values() else free[:need])
+  except ValueError as e:
+    raise ConfigError(f"config field 'rollout_mesh' (on the {len(free)} devices after the "
+                      f"training mesh's): {e}") from None
 
 
 def trace_task(cfg):

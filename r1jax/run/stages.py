@@ -30,12 +30,12 @@ Fields that never change what a stage computes are left out of every fingerprint
   checkpoint_every, max_to_keep   how often state is saved and how much is kept; a resumed
                                   run equals an uninterrupted one (tests/test_rl.py, test_sft.py)
   reward_workers                  where rewards are computed (in-process or a pool), not which
-The top-level fields `mode`, `mesh` and `rollout_mesh` belong to no stage's fields: they say
-which stages run and where the work is laid out, not what it computes (sharded runs equal
-unsharded ones, tests/test_sharding.py). Everything else a stage names counts, including
-fields that change only speed or memory in principle (eval.batch_size moves the sampling
-keys, logprob_chunk the reduction order): recomputing is always safe, reusing a wrong
-result is not.
+The top-level fields `mode`, `mesh`, `rollout_mesh` and `rollout_mesh_devices` belong to no
+stage's fields: they say which stages run and where the work is laid out, not what it
+computes (sharded runs equal unsharded ones, tests/test_sharding.py, test_meshes.py).
+Everything else a stage names counts, including fields that change only speed or memory in
+principle (eval.batch_size moves the sampling keys, logprob_chunk the reduction order):
+recomputing is always safe, reusing a wrong result is not.
 
 Plain Python and ml_collections only (no JAX), so the rule is testable on its own.
 """

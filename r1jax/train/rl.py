@@ -403,7 +403,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   included, less compilation (metrics.WorkClock): what the steps cost, not the restarts.
   mesh / param_rules: parameters, optimizer state and minibatches laid out as in
   `sharding` (batch over the batch axes), rollouts sharded likewise; None: one device.
-  rollout_mesh: the rollouts' own mesh instead (the weights are placed there once per step).
+  rollout_mesh: the rollouts' own mesh instead, on the same or on other devices (after each
+  step's update the weights are resharded there device to device, `Sampler.prepare`).
   """
   validate(gcfg)
   reward_weights(gcfg, task)  # the task's defaults must make a usable reward: fail early
