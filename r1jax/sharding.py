@@ -131,8 +131,24 @@ def place_params(params, cfg, mesh: Mesh | None, rules: Mapping | None = None):
 
 
 def place_batch(batch: Mapping, mesh: Mesh | None, rules: Mapping | None = None) -> dict:
-  """Host arrays -> device arrays, each leading (batch) dim split over the batch axes."""
+  """Host arrays -> device arrays, each leading (batch) dim split over the batch axes.
+
+  With several processes each passes its own rows (its share of the global batch, in
+  process order) and gets the global arrays they make up (make_array_from_process_local_data).
+  """
   if mesh is None:
     return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  if jax.process_count() > 1:
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+      spec = batch_sharding(mesh, v.ndim, shape[0], rules)
+      if spec.spec[0] is None:
+        raise ValueError(f"a global batch of {shape[0]} rows does not split over the batch "
+                         f"mesh axes of {dict(mesh.shape)}: with {jax.process_count()} "
+                         "processes each must hold its own rows")
+      out[k] = jax.make_array_from_process_local_data(spec, v, shape)
+    return out
   return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v), np.shape(v)[0], rules))
           for k, v in batch.items()}
