@@ -152,3 +152,20 @@ def place_batch(batch: Mapping, mesh: Mesh | None, rules: Mapping | None = None)
     return out
   return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v), np.shape(v)[0], rules))
           for k, v in batch.items()}
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded array (all of them in a one-process run), in
+  order: what it pulls to the host (`place_batch` made the global array from such rows)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def process_local_copy(tree, mesh: Mesh):
+  """A whole copy of every array on this process's first device (an all-gather over the mesh's
+  processes): the weights of a rollout on this process's own devices."""
+  replicated = NamedSharding(mesh, P())
+  tree = jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: replicated, tree))(tree)
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)

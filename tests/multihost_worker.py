@@ -4,7 +4,7 @@
   python tests/multihost_worker.py OUT_DIR reference 2
 
 The first form is one of NUM_PROCESSES jax.distributed processes (2 CPU devices each) that
-train a few SFT steps of configs/test_tiny.py on a data mesh over all their devices, each
+train a few SFT steps and then a few GRPO steps of configs/test_tiny.py on a data mesh over all their devices, each
 loading its share of the global batch. The second is the single-process reference on 4
 devices: the same global batches (the 2 process-local datasets' rows joined in process
 order). Process 0 / the reference writes OUT_DIR/result.npz: the per-step losses and the
@@ -39,15 +39,38 @@ from r1jax.data import datasets as data_lib  # noqa: E402
 from r1jax.model import decoder  # noqa: E402
 from r1jax.run import experiment  # noqa: E402
 from r1jax.train import metrics as metrics_lib  # noqa: E402
-from r1jax.train import sft  # noqa: E402
+from r1jax.train import rl, sft  # noqa: E402
 
-SFT_STEPS = 3
+SFT_STEPS, GRPO_STEPS = 3, 2
+
+
+def _joined(datasets):
+  """One dataset whose i-th item joins the i-th items of `datasets` in order."""
+  def join(i):
+    items = [d[i] for d in datasets]
+    if isinstance(items[0], dict):
+      return {k: np.concatenate([x[k] for x in items]) for k in items[0]}
+    return data_lib.PromptBatch(*(np.concatenate([getattr(x, f) for x in items])
+                                  if isinstance(getattr(items[0], f), np.ndarray)
+                                  else sum((tuple(getattr(x, f)) for x in items), ())
+                                  for f in ("tokens_BxL", "lengths_B", "indices_B", "prompts",
+                                            "examples")))
+  return grain.MapDataset.range(10**6).map(join)
+
+
+def _host(params, prefix):
+  """{prefix + 'p' + leaf path: numpy array} of (data-mesh replicated) parameters."""
+  return {prefix + "p" + jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def main():
   cfg = tiny_runs.load_config()
   cfg.sft.steps, cfg.sft.checkpoint_every = SFT_STEPS, 2
   cfg.mesh.data = -1
+  cfg.grpo.steps, cfg.grpo.minibatches, cfg.grpo.beta = GRPO_STEPS, 2, 0.04
+  # the length penalty varies within groups of a random policy: advantages are not all 0
+  cfg.grpo.rewards.overlong, cfg.grpo.overlong_cache_len = 1.0, cfg.grpo.max_new_tokens
   task, tokenizer, model_cfg = experiment.build(cfg)
   mesh = experiment.mesh_of(cfg)
   assert mesh.devices.size == 4, mesh
@@ -58,19 +81,30 @@ def main():
     shares = [data_lib.sft_dataset(task, traces, tokenizer, seq_len=cfg.sft.seq_len,
                                    global_batch_size=cfg.sft.batch_size, seed=cfg.seed,
                                    process_index=i, process_count=n) for i in range(n)]
-    dataset = grain.MapDataset.range(10**6).map(
-        lambda i: {k: np.concatenate([s[i][k] for s in shares]) for k in shares[0][i]})
+    dataset = _joined(shares)
+    # GRPO's prompts: the processes' shares joined, as for SFT
+    prompt_dataset = data_lib.prompt_dataset
+    data_lib.prompt_dataset = lambda *a, **k: _joined(
+        [prompt_dataset(*a, **k, process_index=i, process_count=n) for i in range(n)])
   params = decoder.init_params(model_cfg, jax.random.key(cfg.seed))
   kwargs = {"dataset": dataset} if dataset is not None else {"examples": traces}
   params, _ = sft.train(model_cfg, cfg.sft, os.path.join(OUT, "work"), task=task,
                         tokenizer=tokenizer, params=params, seed=cfg.seed, progress=False,
                         mesh=mesh, **kwargs)
-  flat = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
-          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  flat = _host(params, "sft_")
+  params, _ = rl.train(model_cfg, cfg.grpo, os.path.join(OUT, "work"), task=task,
+                       tokenizer=tokenizer, params=params, task_name=cfg.task.name,
+                       task_kwargs=cfg.task.kwargs.to_dict(), seed=cfg.seed, progress=False,
+                       mesh=mesh)
+  flat.update(_host(params, "grpo_"))
   if metrics_lib.is_primary():
     records = metrics_lib.read_metrics(os.path.join(OUT, "work", "sft"))
     losses = np.array([r["loss"] for r in records])
-    np.savez(os.path.join(OUT, "result.npz"), sft_loss=losses, **{"p" + k: v for k, v in flat.items()})
+    grpo = metrics_lib.read_metrics(os.path.join(OUT, "work", "grpo"))
+    grpo_values = {f"grpo_{k}": np.array([r[k] for r in grpo])
+                   for k in ("loss", "kl_ref", "reward_mean", "reward_std", "rows_trained",
+                             "groups_all_equal", "grad_norm")}
+    np.savez(os.path.join(OUT, "result.npz"), sft_loss=losses, **grpo_values, **flat)
   print(f"process {jax.process_index()} of {jax.process_count()} done", flush=True)
 
 
