@@ -54,7 +54,7 @@ def main(argv):
   try:  # before any JAX computation
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    sys.exit(f"error: {e}")
   try:
     MODES[cfg.mode](cfg, _WORKDIR.value)  # every mode validates its whole config first
   except experiment.ConfigError as e:
