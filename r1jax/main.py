@@ -20,11 +20,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from r1jax.run import distill, evaluate, experiment, grpo, inspect_model, pipeline  # noqa: E402
+from r1jax.run import distill, evaluate, experiment, grpo, inspect_model, multihost  # noqa: E402
+from r1jax.run import pipeline  # noqa: E402
 from r1jax.run import pretrain, print_config, r1_zero, rejection_sample, sft  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0 (else "
+    "R1JAX_COORDINATOR_ADDRESS; neither: automatic on Cloud TPU, else one process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-host: process count (else R1JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-host: this process's id (else R1JAX_PROCESS_ID).")
 
 MODES = {"inspect": inspect_model.run, "sft": sft.run, "grpo": grpo.run,
          "eval": evaluate.run, "pipeline": pipeline.run, "pretrain": pretrain.run,
@@ -43,6 +51,10 @@ def main(argv):
     raise app.UsageError(f"config field 'mode' is {cfg.mode!r}; expected one of {sorted(MODES)}")
   if cfg.mode not in NO_WORKDIR and not _WORKDIR.value:
     raise app.UsageError(f"mode {cfg.mode!r} needs --workdir")
+  try:  # before any JAX computation
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   try:
     MODES[cfg.mode](cfg, _WORKDIR.value)  # every mode validates its whole config first
   except experiment.ConfigError as e:

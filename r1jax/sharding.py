@@ -220,8 +220,41 @@ def _identity_to(shardings: tuple):
 
 
 def place_batch(batch: Mapping, mesh: Mesh | None, rules: Mapping | None = None) -> dict:
-  """Host arrays -> device arrays, each leading (batch) dim split over the batch axes."""
+  """Host arrays -> device arrays, each leading (batch) dim split over the batch axes.
+
+  With several processes each passes its own rows (its share of the global batch, in
+  process order) and gets the global arrays they make up (make_array_from_process_local_data).
+  """
   if mesh is None:
     return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  if jax.process_count() > 1:
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+      spec = batch_sharding(mesh, v.ndim, shape[0], rules)
+      if spec.spec[0] is None:
+        raise ValueError(f"a global batch of {shape[0]} rows does not split over the batch "
+                         f"mesh axes of {dict(mesh.shape)}: with {jax.process_count()} "
+                         "processes each must hold its own rows")
+      out[k] = jax.make_array_from_process_local_data(spec, v, shape)
+    return out
   return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v), np.shape(v)[0], rules))
           for k, v in batch.items()}
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded array (all of them in a one-process run), in
+  order: what it pulls to the host (`place_batch` made the global array from such rows)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def process_local_copy(tree, mesh: Mesh):
+  """A whole copy of every array on this process's first device (an all-gather over the mesh's
+  processes): the weights of a rollout on this process's own devices."""
+  replicated = NamedSharding(mesh, P())
+  tree = jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: replicated, tree))(tree)
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)

@@ -146,6 +146,9 @@ def run(cfg, workdir: str) -> dict:
 
 def plot(workdir: str, summary: dict) -> str:
   """pipeline.png: SFT loss (cold start + control), GRPO reward, held-out accuracies."""
+  out = os.path.join(workdir, "pipeline.png")
+  if not metrics_lib.is_primary():  # process 0 draws
+    return out
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(15, 4), dpi=100)
@@ -180,6 +183,5 @@ def plot(workdir: str, summary: dict) -> str:
   ax3.set_ylim(0, 1.05)
   ax3.set_ylabel("held-out accuracy")
   fig.tight_layout()
-  out = os.path.join(workdir, "pipeline.png")
   fig.savefig(out)
   return out

@@ -89,6 +89,9 @@ def run(cfg, workdir: str) -> dict:
 def plot(workdir: str, summary: dict) -> str:
   """r1_zero.png: pre-training NLL; format rate, format and accuracy rewards and accuracy
   over GRPO steps; held-out accuracy and format rate before and after GRPO."""
+  out = os.path.join(workdir, "r1_zero.png")
+  if not metrics_lib.is_primary():  # process 0 draws
+    return out
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(15, 4), dpi=100)
@@ -121,6 +124,5 @@ def plot(workdir: str, summary: dict) -> str:
   ax3.set_ylabel("held-out")
   ax3.legend()
   fig.tight_layout()
-  out = os.path.join(workdir, "r1_zero.png")
   fig.savefig(out)
   return out

@@ -50,6 +50,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 
+from r1jax.train import metrics as metrics_lib
+
 STAGES_FILE = "stages.json"
 FORMAT_VERSION = 2
 NEUTRAL_FIELDS = frozenset(("checkpoint_every", "max_to_keep", "reward_workers"))
@@ -247,6 +249,8 @@ class Book:
     return {n: r["result"] for n, r in self.records.items() if r.get("done")}
 
   def save(self) -> None:
+    if not metrics_lib.is_primary():  # process 0 keeps the book of a multi-process run
+      return
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       json.dump({"version": FORMAT_VERSION, "wall_time_s": self.wall_time_s,

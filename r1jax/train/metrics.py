@@ -39,6 +39,14 @@ HPARAMS_RUN = "hparams"  # the tb/ subdirectory add_hparams writes its session i
 _writer_ids = itertools.count()
 
 
+def is_primary() -> bool:
+  """True in process 0 of a multi-process run (and in a one-process run): the one process
+  that writes metrics, TensorBoard events, summaries, config.json and plots, and shows
+  progress bars (r1jax/run/multihost.py); the others compute the same values and write
+  nothing."""
+  return jax.process_index() == 0
+
+
 def _summary_writer(logdir: str, **kwargs):
   """A tensorboardX SummaryWriter whose event file no other writer shares: tensorboardX names
   files by the second and opens them for writing, so a second writer on the same directory
@@ -180,8 +188,11 @@ class MetricsWriter:
     if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
       raise ValueError(f"resume_step must be a non-negative int or None; got {resume_step!r}")
     self.workdir = os.fspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, METRICS_FILE)
+    self._file = self._tb = None
+    if not is_primary():
+      return
+    os.makedirs(self.workdir, exist_ok=True)
     keep = []
     if resume_step is not None:
       keep = [r for r in read_metrics(self.path) if r.get("step", math.inf) <= resume_step]
@@ -191,7 +202,6 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
     os.replace(tmp, self.path)  # atomic: a crash here leaves the old or the new file
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
     if tensorboard:
       purge = 0 if resume_step is None else resume_step + 1
       self._tb = _summary_writer(os.path.join(self.workdir, TB_DIR), purge_step=purge)
@@ -205,6 +215,8 @@ class MetricsWriter:
     values = to_host(metrics)
     record = {"step": int(step)}
     record.update({k: _json_value(v) for k, v in values.items()})
+    if self._file is None:
+      return values
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -214,12 +226,13 @@ class MetricsWriter:
     return values
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    if not self._file.closed:
+    if self._file is not None and not self._file.closed:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
@@ -279,6 +292,7 @@ class ProgressBar:
                desc: Optional[str] = None, file=None, disable: Optional[bool] = False):
     from tqdm.auto import tqdm
     self.keys = tuple(keys)
+    disable = True if not is_primary() else disable
     self._bar = tqdm(total=total, initial=initial, desc=desc, file=file, disable=disable,
                      dynamic_ncols=True)
     self._position = initial
@@ -321,11 +335,14 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
       return convert(v) if isinstance(v, list) else _json_value(v)
     return _json_value(v)
 
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, SUMMARY_FILE)
+  summary = convert(summary)  # every process: the device values are fetched together
+  if not is_primary():
+    return path
+  os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(convert(summary), f, indent=2, sort_keys=True, allow_nan=False)
+    json.dump(summary, f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
   os.replace(tmp, path)
   return path
@@ -346,8 +363,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
 def write_config(workdir: str, cfg) -> str:
   """Writes <workdir>/config.json, the config as run (an ml_collections ConfigDict); returns
   its path. Every mode calls it before any work, so even a failed run says what it ran."""
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
+  if not is_primary():
+    return path
+  os.makedirs(workdir, exist_ok=True)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
     f.write("\n")
@@ -375,6 +394,8 @@ def log_hparams(run_dir: str, config: Mapping[str, Any], summary: Mapping[str, A
   """The run's config and final figures in <run_dir>/tb, once per run: the HParams dashboard
   (a session in tb/hparams, one hparam per flattened config field, one metric per numeric
   summary figure, tagged hparams/<key>) and a text table of both (tag 'hparams')."""
+  if not is_primary():
+    return None
   hparams = {k: _hparam_value(v) for k, v in flatten(config).items()}
   figures = {f"hparams/{k}": float(v) for k, v in flatten(summary).items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -421,6 +442,8 @@ def plot_bars(out_png: str, values: Mapping[str, float], *, ylabel: str = "",
               title: str = "", ylim: Optional[tuple] = None):
   """One bar per entry of `values` (label -> number), its value printed above; returns the
   Figure."""
+  if not is_primary():  # nothing drawn outside process 0
+    return None
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   if not values:
@@ -457,6 +480,8 @@ def plot_curves(workdir: str, keys: Iterable[str], out_png: str):
   touched, so this is safe in threads and headless jobs); its panels' lines carry the
   key as label.
   """
+  if not is_primary():  # nothing drawn outside process 0
+    return None
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 

@@ -128,6 +128,13 @@ def validate(gcfg) -> None:
       raise ValueError(f"grpo config field {field!r} must be >= 1, got {gcfg[field]}")
   if gcfg.G < 2:
     raise ValueError("grpo config field 'G' must be >= 2 (advantages compare within a group)")
+  if gcfg.prompts_per_step % jax.process_count():  # each process rolls out an equal share
+    raise ValueError(f"grpo config field 'prompts_per_step' ({gcfg.prompts_per_step}) is the "
+                     f"global batch and must be a multiple of the process count "
+                     f"({jax.process_count()})")
+  if jax.process_count() > 1 and (gcfg.dynamic_sampling or gcfg.adv_scale == "batch"):
+    raise ValueError("grpo.dynamic_sampling and grpo.adv_scale='batch' need the rewards of "
+                     "every process; with several processes use neither")
   if (gcfg.prompts_per_step * gcfg.G) % gcfg.minibatches:
     raise ValueError("grpo config field 'minibatches' must divide prompts_per_step * G "
                      f"({gcfg.prompts_per_step * gcfg.G})")
@@ -371,11 +378,15 @@ class Scorer:
 
 
 def rollout(sampler: sampler_lib.Sampler, dparams, gcfg, batch: data_lib.PromptBatch, key,
-            tokenizer):
+            tokenizer, row_offset: int = 0):
   """G completions per prompt of the padded batch; returns (SampleOutput [B*G, W], texts).
 
-  W = max_prompt_len + max_new_tokens, the width of the GRPO training rows.
+  W = max_prompt_len + max_new_tokens, the width of the GRPO training rows. Row r samples
+  with fold_in(key, row_offset + r): a process holding global rows from row_offset on draws
+  what a one-process run draws for them.
   """
+  n = len(batch.lengths_B) * gcfg.G
+  key = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_offset + jnp.arange(n))
   out = sampler.generate(dparams, np.repeat(batch.tokens_BxL, gcfg.G, axis=0), key,
                          lengths=np.repeat(batch.lengths_B, gcfg.G),
                          max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
@@ -436,6 +447,11 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
     prev_tries = int(restored.data_state.get("prev_tries", 0))
   update = sharding.in_mesh(make_update_step(model_cfg, gcfg, optimizer), mesh)
   ref_logprobs = sharding.in_mesh(make_ref_logprobs(model_cfg, gcfg), mesh)
+  multi = jax.process_count() > 1
+  if multi:  # each process rolls out its own prompts on its own devices
+    if mesh is None:
+      raise ValueError("GRPO with several processes needs a training mesh (config field mesh)")
+    rollout_mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
   sampler = sampler_lib.Sampler(model_cfg, mesh if rollout_mesh is None else rollout_mesh,
                                 param_rules)
   scorer = Scorer(task_name, task_kwargs or {}, task, gcfg)
@@ -443,7 +459,9 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
   bar = metrics_lib.ProgressBar(gcfg.steps, ("reward_mean", "accuracy", "kl_ref"),
                                 initial=start, desc=name, disable=not progress)
   base_key = jax.random.key(seed)
-  n_rows = gcfg.prompts_per_step * gcfg.G
+  n_rows = gcfg.prompts_per_step * gcfg.G  # global; this process holds n_local from row_offset
+  n_local = n_rows // jax.process_count()
+  row_offset = jax.process_index() * n_local
   steps_no_rows_warned = False
   step = start
   try:
@@ -458,7 +476,8 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       n_sampled = n_tokens = 0
       ref_logp = None
       clock = metrics_lib.WorkClock()
-      dparams = sampler.prepare(state["params"])  # the decode layout, once per step's weights
+      dparams = sampler.prepare(sharding.process_local_copy(state["params"], mesh) if multi
+                                else state["params"])  # the decode layout, once per step's weights
       sample_s = clock.elapsed()
       ahead = None  # (iterator state before it, batch, out, texts): the next refill
       n_ahead = n_discarded = 0
@@ -467,7 +486,7 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
           batch = next(it)
           clock.start()
           out, texts = rollout(sampler, dparams, gcfg, batch,
-                               jax.random.fold_in(step_key, tries), tokenizer)
+                               jax.random.fold_in(step_key, tries), tokenizer, row_offset)
           sample_s += clock.elapsed()
         else:
           _, batch, out, texts = ahead
@@ -509,12 +528,12 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       prev_tries = tries
       del dparams
       # ---------------------------------------------------------------- build the batch
-      rows = _assemble(groups, gcfg, n_rows)
+      rows = _assemble(groups, gcfg, n_local)
       if gcfg.beta > 0:
         if ref_logp is None:
           ref_logp = ref_logprobs(state["ref_params"],
                                   _place_tokens(rows["tokens"], mesh, param_rules))
-        ref_logp = np.asarray(ref_logp)
+        ref_logp = sharding.local_rows(ref_logp)
         rows["ref_logp"] = np.concatenate([np.zeros_like(ref_logp[:, :1]), ref_logp], 1)
       else:
         rows["ref_logp"] = np.zeros_like(rows["old_logp"])
@@ -528,12 +547,15 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       clock.start()
       mb_size = n_rows // gcfg.minibatches
       ms = []
+      if multi:  # the global rows, minibatches gathered from them on the devices
+        rows_dev = sharding.place_batch({k: v for k, v in rows.items() if k != "info"}, mesh,
+                                        param_rules)
       for epoch in range(gcfg.mu):
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(step_key, 1000 + epoch), n_rows))
         for j in range(gcfg.minibatches):
           idx = perm[j * mb_size:(j + 1) * mb_size]
-          mb = sharding.place_batch({k: v[idx] for k, v in rows.items() if k != "info"}, mesh,
-                                    param_rules)
+          mb = _take_rows(rows_dev, idx, mesh, param_rules) if multi else sharding.place_batch(
+              {k: v[idx] for k, v in rows.items() if k != "info"}, mesh, param_rules)
           state, m = update(state, mb)
           ms.append(m)
       state["step"] = state["step"] + 1
@@ -546,11 +568,12 @@ def train(model_cfg, gcfg, workdir: str, *, task, tokenizer, params, task_name: 
       times["sample_s"] += sample_s
       times["verify_s"] += verify_s
       times["train_s"] += train_s
-      m_host.update(rows["info"])
-      m_host["accuracy"] = float((first_scores.components["accuracy"] >= 1.0).mean())
+      info = dict(rows["info"])
+      info["accuracy"] = float((first_scores.components["accuracy"] >= 1.0).mean())
       for comp in REWARD_COMPONENTS:
         if scorer.weights[comp]:
-          m_host[f"reward_{comp}"] = float(first_scores.components[comp].mean())
+          info[f"reward_{comp}"] = float(first_scores.components[comp].mean())
+      m_host.update(_global_info(info, first_scores.total) if multi else info)
       m_host.update(
           sample_tokens_per_s=n_tokens / max(sample_s, 1e-9),
           train_tokens_per_s=gcfg.mu * int(rows["mask"].sum()) / max(train_s, 1e-9),
@@ -623,6 +646,30 @@ def _assemble(groups, gcfg, n_rows):
       "truncation_rate": float(np.concatenate(trunc).mean()),
       "rows_trained": float(kept_rows), "reward_mean_all_samples": float(all_rewards.mean())}
   return rows
+
+
+def _take_rows(rows, idx, mesh, param_rules):
+  """rows[idx] of global row arrays, laid out as place_batch lays out a minibatch."""
+  out = {k: sharding.batch_sharding(mesh, v.ndim, len(idx), param_rules) for k, v in rows.items()}
+  return _gather_rows(rows, jnp.asarray(idx), tuple(sorted(out.items())))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gather_rows(rows, idx, shardings):
+  return jax.lax.with_sharding_constraint({k: v[idx] for k, v in rows.items()}, dict(shardings))
+
+
+def _global_info(info, rewards):
+  """The step's host metrics over every process's equal share of the rows: means averaged,
+  rows_trained summed, reward_std of all the rewards."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  keys = sorted(info)
+  values = multihost_utils.process_allgather(np.array([info[k] for k in keys], np.float64))
+  out = dict(zip(keys, np.asarray(values).mean(0).tolist()))
+  out["rows_trained"] = float(np.asarray(values)[:, keys.index("rows_trained")].sum())
+  all_rewards = np.asarray(multihost_utils.process_allgather(np.asarray(rewards), tiled=True))
+  out["reward_std"] = float(all_rewards.std())
+  return out
 
 
 def _place_tokens(tokens, mesh, param_rules):

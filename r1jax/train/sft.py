@@ -58,6 +58,10 @@ def _validate_loop(scfg, name: str, count_field: str) -> None:
   if scfg.seq_len < 2:
     raise ValueError(f"{name} config field 'seq_len' must be >= 2 (a token and its "
                      f"successor), got {scfg.seq_len}")
+  if scfg.batch_size % jax.process_count():  # each process loads an equal share
+    raise ValueError(f"{name} config field 'batch_size' ({scfg.batch_size}) is the global "
+                     f"batch and must be a multiple of the process count "
+                     f"({jax.process_count()})")
   optim.validate(scfg.optimizer, f"{name}.optimizer")
 
 
