@@ -1,7 +1,7 @@
 """Device mesh and the ONE table mapping logical axis names to mesh axes.
 
 Model code never names devices: every parameter carries logical axis names
-(`decoder.param_axes`), and `RULES` below decides which mesh axis, if any, each one is split
+(`decoder.param_axes`), and `RULES` (model/partitioning.py, re-exported here) decides which mesh axis, if any, each one is split
 over. Changing the parallelism of an ablation is a config edit (mesh shape, or a rules
 override), never a model edit.
 
@@ -28,33 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1jax.model import decoder
+from r1jax.model.partitioning import MESH_AXES, RULES, _mesh_size, logical_to_spec
 from r1jax.model.layers import is_spec
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-
-# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
-RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp", "expert"),
-    "layers": None,
-    "mtp_layers": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "q_lora": None,
-    "kv_lora": None,
-    "kv_lora_rope": None,
-    "heads": "tensor",
-    "kv_heads": "tensor",   # GQA key/value heads (replicated when Hkv does not divide)
-    "head_dim": None,       # GQA head size
-    "qk_head": None,
-    "kv_head": None,
-    "v_head": None,
-    "mlp": "tensor",
-    "mtp_concat": None,
-    "exp": "expert",
-    "exp_route": None,
-    "expert_mlp": "tensor",
-}
-
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over MESH_AXES; one axis may be -1 (takes the remaining devices)."""
@@ -74,46 +49,6 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"have {len(devices)}")
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
-
-
-def _mesh_size(mesh: Mesh, axes) -> int:
-  axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def logical_to_spec(logical_axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping | None = None) -> P:
-  """PartitionSpec for one array from its logical axes (see module docstring)."""
-  rules = {**RULES, **(rules or {})}
-  check_rules(rules)
-  used: set[str] = set()
-  out = []
-  for name, dim in zip(logical_axes, shape):
-    if name not in rules:
-      raise ValueError(f"logical axis {name!r} has no sharding rule; add it to sharding.RULES")
-    target = rules[name]
-    if target is None:
-      out.append(None)
-      continue
-    axes = (target,) if isinstance(target, str) else tuple(target)
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-    if not axes or dim % _mesh_size(mesh, axes):
-      out.append(None)
-      continue
-    used.update(axes)
-    out.append(axes[0] if len(axes) == 1 else axes)
-  return P(*out)
-
-
-def check_rules(rules: Mapping) -> None:
-  """ValueError for a rule whose target is not a mesh axis name (a typo would otherwise
-  replicate that dim silently)."""
-  for name, target in rules.items():
-    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    bad = [a for a in axes if a not in MESH_AXES]
-    if bad:
-      raise ValueError(f"sharding rule {name!r} -> {target!r} names {bad}, not mesh axes; "
-                       f"expected names from {MESH_AXES}")
 
 
 def use_mesh(mesh: Mesh | None):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from r1jax.model import partitioning
 from r1jax.model.layers import fuse_swiglu
 
 EXCHANGES = ("none", "gather", "all_to_all", "ragged")
@@ -190,15 +191,8 @@ def context_mesh(cfg):
   return mesh
 
 
-def _sharding():
-  # sharding reads the model's parameter declarations (decoder); imported here, at trace
-  # time, so that the model package does not import it at load time.
-  from r1jax import sharding
-  return sharding
-
-
 def _expert_entry(mesh, n_experts: int):
-  return _sharding().logical_to_spec(("exp",), (n_experts,), mesh)[0]
+  return partitioning.logical_to_spec(("exp",), (n_experts,), mesh)[0]
 
 
 def _names(entry) -> tuple:
@@ -219,7 +213,7 @@ def routed_experts(experts: dict, expert_axes: dict, x_BxLxD, idx_BxLxK, weights
   axes. The batch must split over the expert axis too (`sharding.RULES['batch']`), or this
   raises. Returns (y [B, L, D], assignments dropped in the layer [] int32).
   """
-  sh = _sharding()
+  sh = partitioning
   b = x_BxLxD.shape[0]
   specs = {n: sh.logical_to_spec(expert_axes[n], experts[n].shape, mesh) for n in experts}
   expert_axis = _names(specs["w_down"][0])
